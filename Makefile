@@ -1,0 +1,55 @@
+# The course in two commands:  `make course` (set up, then JupyterLab)  and  `make test`.
+# Set-up is done once: re-running either skips every install (a stamp file records it).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.course-installed
+HOST ?= 127.0.0.1
+PORT ?= 8888
+# Per-cell time limit for notebooks under test (seconds).
+CELL_TIMEOUT ?= 900
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: course setup model lab test lint unit notebooks bench timings clean help
+
+help:
+	@echo "make course   set up (once) and start JupyterLab on notebooks/00_start_here.ipynb"
+	@echo "make test     set up (once) and run the whole test suite (lint, unit, notebooks)"
+	@echo "make lint     ruff check + ruff format --check over course_utils, tests, notebooks"
+	@echo "make timings  run every notebook with the full profile and record its wall time"
+
+setup: $(STAMP)
+
+# The virtual environment and everything in it. Re-made only when a requirements file changes.
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 10), "Python 3.10+ needed (3.11 is the tested one)"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# The offline model: GGUF -> fp32 safetensors in the cache, once (checksums verified every time).
+model: setup
+	$(BIN)/python -m course_utils.assets --prepare
+
+course: model
+	@echo "Starting JupyterLab: open the URL printed below (Ctrl+C stops it)."
+	$(BIN)/jupyter lab notebooks/00_start_here.ipynb --no-browser --ip=$(HOST) --port=$(PORT) \
+		--ServerApp.root_dir=. $(LAB_ARGS)
+
+lint: setup
+	$(BIN)/ruff check course_utils tests notebooks
+	$(BIN)/ruff format --check course_utils tests notebooks
+
+test: model lint
+	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) $(PYTEST_ARGS)
+
+timings: model
+	$(BIN)/python -m course_utils.course_map --measure notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,164 @@
+"""The course map: every lesson, what it teaches, and how long it took on real machines.
+
+Times are never typed in: `python -m course_utils.course_map --measure notebooks/*.ipynb` (or
+`make timings`) runs each notebook top to bottom with the learner's profile and records its wall
+time, the machine and the date in ``course_utils/data/timings.json``. A lesson nobody has timed on
+a kind of machine says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TIMINGS_FILE = Path(__file__).parent / "data" / "timings.json"
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """One lesson of the course."""
+
+    number: int
+    slug: str
+    title: str
+    teaches: str
+
+    @property
+    def notebook(self) -> str:
+        """Return the notebook's file name, e.g. '02_lora_math.ipynb'."""
+        return f"{self.number:02d}_{self.slug}.ipynb"
+
+
+LESSONS: tuple[Lesson, ...] = (
+    Lesson(0, "start_here", "Start here", "set-up check, device, versions, a first generation"),
+    Lesson(
+        1, "why_finetune", "Why fine-tune", "prompting vs RAG vs fine-tuning; the cost of full FT"
+    ),
+    Lesson(2, "lora_math", "The LoRA math", "ΔW ≈ AB, rank, SVD, α/r scaling, LoRA from scratch"),
+    Lesson(
+        3, "quantization", "Quantization", "bytes per dtype, absmax, blockwise, NF4, double quant"
+    ),
+    Lesson(4, "data_preparation", "Data preparation", "chat templates, assistant-only labels"),
+    Lesson(5, "lora_lab", "LoRA lab", "PEFT LoRA on SmolLM2, before/after, save and merge"),
+    Lesson(6, "qlora_lab", "QLoRA lab", "NF4 base + LoRA, memory measured"),
+    Lesson(7, "full_finetuning_lab", "Full fine-tuning lab", "forgetting and the comparison table"),
+    Lesson(8, "unsloth_lab", "Unsloth lab", "the same task with Unsloth"),
+    Lesson(9, "lora_zoo", "The LoRA zoo", "LoRA variants behind a one-line switch"),
+    Lesson(10, "preference_tuning", "Preference tuning", "DPO with TRL; PPO explained"),
+    Lesson(11, "merge_and_deploy", "Merge and deploy", "merging, adapters, export, inference"),
+)
+
+
+def load_timings(path: Path = TIMINGS_FILE) -> dict[str, dict]:
+    """Return the recorded timings: {notebook stem: {"cpu"|"gpu": {seconds, machine, date}}}."""
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _format_time(record: dict | None) -> str:
+    """Return a measured time as '3 min' / '40 s', or 'not timed yet'."""
+    if not record:
+        return "not timed yet"
+    seconds = record["seconds"]
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def course_map(notebooks_dir: Path | None = None) -> list[dict[str, str]]:
+    """Return one row per lesson: number, title, teaches, status, time on CPU and on GPU."""
+    folder = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
+    timings = load_timings()
+    rows = []
+    for lesson in LESSONS:
+        stem = lesson.notebook.removesuffix(".ipynb")
+        recorded = timings.get(stem, {})
+        rows.append(
+            {
+                "#": f"{lesson.number:02d}",
+                "lesson": lesson.title,
+                "teaches": lesson.teaches,
+                "status": "ready" if (folder / lesson.notebook).is_file() else "coming",
+                "CPU (2 cores)": _format_time(recorded.get("cpu")),
+                "GPU": _format_time(recorded.get("gpu")),
+            }
+        )
+    return rows
+
+
+def course_map_markdown(notebooks_dir: Path | None = None) -> str:
+    """Return the course map as a Markdown table (for a notebook's display or the README)."""
+    rows = course_map(notebooks_dir)
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_kind() -> tuple[str, str]:
+    """Return ('cpu' or 'gpu', a short description of this machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "gpu", torch.cuda.get_device_name(0)
+    return "cpu", f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def measure_notebook(path: Path, timeout: int = 3600) -> float:
+    """Run a notebook top to bottom (learner profile) in its own folder and return its seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No notebook at {path}; pass a path like notebooks/00_start_here.ipynb."
+        )
+    notebook = nbformat.read(path, as_version=4)
+    os.environ["COURSE_PROFILE"] = "full"
+    client = NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": path.parent}},
+    )
+    started = time.perf_counter()
+    client.execute()
+    return time.perf_counter() - started
+
+
+def record_timing(stem: str, seconds: float, path: Path = TIMINGS_FILE) -> dict:
+    """Store one measured time for this kind of machine in the timings file and return it."""
+    kind, machine = machine_kind()
+    timings = load_timings(path)
+    record = {"seconds": round(seconds, 1), "machine": machine, "date": str(_dt.date.today())}
+    timings.setdefault(stem, {})[kind] = record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timings, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print the course map, or --measure the given notebooks and record times."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("notebooks", nargs="*", type=Path)
+    parser.add_argument("--measure", action="store_true", help="run the notebooks and time them")
+    args = parser.parse_args(argv)
+    if args.measure:
+        for notebook in args.notebooks:
+            seconds = measure_notebook(notebook)
+            record = record_timing(notebook.stem, seconds)
+            print(f"{notebook.name}: {seconds:.0f} s on {record['machine']}")
+    print(course_map_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""course_utils.env: device, dtype, colab, seeding, profile and the report."""
+
+import sys
+
+import pytest
+import torch
+
+from course_utils import env
+
+
+def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert env.pick_device().type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert env.pick_device().type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert env.pick_device().type == "cuda"
+
+
+def test_pick_device_rejects_a_device_that_is_not_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="not available on this machine"):
+        env.pick_device("cuda")
+    with pytest.raises(TypeError, match="device name"):
+        env.pick_device(3)
+    assert env.pick_device("cpu").type == "cpu"
+
+
+def test_default_dtype_is_fp32_on_cpu_and_half_precision_on_gpu(monkeypatch):
+    assert env.default_dtype("cpu") == torch.float32
+    assert env.default_dtype("mps") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert env.default_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a Colab T4
+    assert env.default_dtype("cuda") == torch.float16
+    with pytest.raises(ValueError, match="Unknown device type"):
+        env.default_dtype("meta")
+
+
+def test_in_colab_reads_the_loaded_modules(monkeypatch):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert env.in_colab() is False
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    assert env.in_colab() is True
+
+
+def test_seed_everything_makes_random_numbers_repeat():
+    env.seed_everything(123)
+    first = torch.rand(5)
+    env.seed_everything(123)
+    assert torch.equal(first, torch.rand(5))
+    env.seed_everything(124)
+    assert not torch.equal(first, torch.rand(5))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_seed_everything_rejects_bad_seeds(bad):
+    with pytest.raises(ValueError, match="non-negative integer"):
+        env.seed_everything(bad)
+
+
+def test_profile_defaults_to_full_and_reads_the_variable(monkeypatch):
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    assert env.profile() == "full"
+    assert env.by_profile(full=200, ci=5) == 200
+    monkeypatch.setenv("COURSE_PROFILE", "CI")
+    assert env.profile() == "ci"
+    assert env.by_profile(full=200, ci=5) == 5
+
+
+def test_profile_rejects_an_unknown_value(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "fast")
+    with pytest.raises(ValueError, match="not a known profile"):
+        env.profile()
+
+
+def test_package_versions_reports_missing_packages():
+    versions = env.package_versions(("torch", "no-such-package-xyz"))
+    assert versions["torch"] == torch.__version__
+    assert versions["no-such-package-xyz"] == "not installed"
+
+
+def test_environment_report_and_print(capsys):
+    report = env.environment_report()
+    for key in ("python", "device", "dtype", "profile", "torch", "transformers", "peft", "trl"):
+        assert key in report, key
+    assert report["device"] == env.pick_device().type
+    assert report["dtype"] == str(env.default_dtype()).removeprefix("torch.")
+    assert env.memory_gb() > 0.5
+    printed = env.print_report()
+    out = capsys.readouterr().out
+    assert printed.keys() == report.keys()
+    assert "transformers" in out and str(report["transformers"]) in out
