@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.course-installed
 HOST ?= 127.0.0.1
 PORT ?= 8888
+# Jupyter refuses to run as root unless told to (containers, CI, Colab-like machines).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # Per-cell time limit for notebooks under test (seconds).
 CELL_TIMEOUT ?= 900
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -38,7 +40,7 @@ model: setup
 course: model
 	@echo "Starting JupyterLab: open the URL printed below (Ctrl+C stops it)."
 	$(BIN)/jupyter lab notebooks/00_start_here.ipynb --no-browser --ip=$(HOST) --port=$(PORT) \
-		--ServerApp.root_dir=. $(LAB_ARGS)
+		--ServerApp.root_dir=. $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: setup
 	$(BIN)/ruff check course_utils tests notebooks

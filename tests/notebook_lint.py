@@ -1,0 +1,80 @@
+"""A lint for course notebooks: what every lesson and exercise must carry, checked the same way.
+
+`lint_notebook(path)` returns a list of problems (empty when the notebook is clean).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_OUTPUT_BYTES = 100_000  # per cell: a notebook is read in a diff, not a data dump
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:work|tmp|root|home|Users|content|mnt)/[\w.-]+")
+NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
+
+
+def course_settings() -> dict:
+    """Return [tool.course] from pyproject.toml (the GitHub repo the badges point at)."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["course"]
+
+
+def badge_url(relative_path: str) -> str:
+    """Return the Colab URL that the badge of the notebook at `relative_path` must carry."""
+    settings = course_settings()
+    return (
+        f"https://colab.research.google.com/github/{settings['github_repo']}"
+        f"/blob/{settings['branch']}/{relative_path}"
+    )
+
+
+def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
+    """Return every problem found in one notebook."""
+    path = Path(path)
+    try:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+    except Exception as error:  # noqa: BLE001 - any parse/validation failure is the finding
+        return [f"not a valid notebook: {error}"]
+    problems = []
+    if not NAME.match(path.name):
+        problems.append("file name must look like NN_topic.ipynb")
+    cells = notebook.cells
+    relative = path.resolve().relative_to(root.resolve()).as_posix()
+    urls = re.findall(r"https://colab\.research\.google\.com/github/[^\s)\"']+", _source(cells, 0))
+    if not urls:
+        problems.append("first cell must be a markdown cell with the Colab badge")
+    elif urls[0] != badge_url(relative):
+        problems.append(f"Colab badge points at {urls[0]}, expected {badge_url(relative)}")
+    repo = f"https://github.com/{course_settings()['github_repo']}"
+    install = [
+        c for c in cells if c.cell_type == "code" and '"google.colab" in sys.modules' in c.source
+    ]
+    if not install:
+        problems.append('no Colab install cell (`if "google.colab" in sys.modules:` + pip install)')
+    elif "pip" not in install[0].source or repo not in install[0].source:
+        problems.append(f"the Colab install cell must pip install the course package from {repo}")
+    text = path.read_text()
+    for match in sorted(set(ABSOLUTE_PATH.findall(text))):
+        problems.append(f"absolute path {match!r}: use a path relative to the notebook")
+    for index, cell in enumerate(cells):
+        size = len(json.dumps(cell.get("outputs", [])))
+        if size > MAX_OUTPUT_BYTES:
+            problems.append(
+                f"cell {index} carries {size:,} bytes of output (limit {MAX_OUTPUT_BYTES:,})"
+            )
+    code = [c for c in cells if c.cell_type == "code"]
+    if not code or "assert" not in code[-1].source:
+        problems.append("the last code cell must check the lesson's claims with assert")
+    return problems
+
+
+def _source(cells, index: int) -> str:
+    """Return the source of cell `index` if it is markdown, else ''."""
+    return (
+        cells[index].source if len(cells) > index and cells[index].cell_type == "markdown" else ""
+    )
