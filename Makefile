@@ -13,7 +13,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 CELL_TIMEOUT ?= 900
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course setup model lab test lint unit notebooks bench timings clean help
+.PHONY: course setup model browser test lint bench timings clean help
 
 help:
 	@echo "make course   set up (once) and start JupyterLab on notebooks/00_start_here.ipynb"
@@ -42,11 +42,19 @@ course: model
 	$(BIN)/jupyter lab notebooks/00_start_here.ipynb --no-browser --ip=$(HOST) --port=$(PORT) \
 		--ServerApp.root_dir=. $(ROOT_FLAG) $(LAB_ARGS)
 
+# Debian's chromium for the widget tests in a real browser (Playwright drives it; it never
+# downloads a browser of its own). Installed with apt-get when we are root and it is missing.
+browser:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "Install Debian's chromium (sudo apt-get install chromium) for the browser tests."; exit 1; fi; }
+
 lint: setup
 	$(BIN)/ruff check course_utils tests notebooks
 	$(BIN)/ruff format --check course_utils tests notebooks
 
-test: model lint
+test: model browser lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) $(PYTEST_ARGS)
 

@@ -1,0 +1,32 @@
+"""Every lesson survives "Restart kernel and run all" a second time.
+
+nbval (in the same `make test`) runs each notebook once; this runs it again from a fresh kernel
+in the same folder, so a notebook that leaves files or state behind that break a second run fails.
+"""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_again_from_a_fresh_kernel(path, monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "ci")
+    before = path.read_bytes()
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": path.parent}}
+    ).execute()
+    errors = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+    assert not errors
+    assert path.read_bytes() == before, "running the notebook must not rewrite its own file"
