@@ -3,20 +3,11 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """Return a TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from browser import ROOT, free_port
 
 
 def test_make_course_serves_jupyterlab(tmp_path):
