@@ -47,7 +47,9 @@ __all__ = [
     "linear_layer_shapes",
     "lora_trainable_params",
     "measure_model_bytes",
+    "param_groups",
     "preset_table",
+    "weight_bytes",
 ]
 
 #: Bytes in one GB as used throughout this module (a GiB).
@@ -515,3 +517,116 @@ def measure_model_bytes(model: torch.nn.Module, include_quant_state: bool = True
         if include_quant_state:
             total += _quant_state_bytes(tensor)
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# The weights alone (lesson 03: what a model costs to hold in memory, not to train)
+# --------------------------------------------------------------------------------------------
+
+
+def param_groups(config: object) -> dict[str, int]:
+    """Parameters split into ``embeddings``, ``linear`` (what QLoRA quantizes), ``other``, ``lm_head``."""
+    return dict(_param_groups(config))
+
+
+def weight_bytes(
+    config_or_params: object,
+    dtype: str = "fp32",
+    quantization: str | None = None,
+    double_quant: bool = True,
+) -> int:
+    """Bytes of a model's weights alone: all in ``dtype``, or linear layers in NF4 as QLoRA stores them.
+
+    With ``quantization="nf4"`` the decoder's linear layers cost 4.127 bits per weight (4.5
+    with ``double_quant=False``) and everything else (embeddings, norms, an untied LM head)
+    stays in ``dtype``, which is what bitsandbytes does. A bare parameter count is treated as
+    all-linear.
+    """
+    dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)
+    if quantization not in (None, "nf4"):
+        raise ValueError(
+            f"quantization must be None or 'nf4', got {quantization!r}; use 'nf4' for QLoRA."
+        )
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}.")
+    if isinstance(config_or_params, bool):
+        raise TypeError("config_or_params must be an int, a config or a preset name, not a bool.")
+    if isinstance(config_or_params, int):
+        n_params = _check_positive_int(config_or_params, "the parameter count")
+        groups = {"linear": n_params, "embeddings": 0, "other": 0, "lm_head": 0}
+    else:
+        groups = _param_groups(config_or_params)
+    n_params = sum(groups.values())
+    if quantization is None:
+        return n_params * BYTES_PER_DTYPE[dtype]
+    bits = double_quant_bits_per_param(absmax_bits=8 if double_quant else None)
+    rest = n_params - groups["linear"]
+    return math.ceil(groups["linear"] * bits / 8) + rest * BYTES_PER_DTYPE[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing training setups (lesson 01: what fine-tuning costs and where it fits)
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["fit_table", "gpus_needed", "training_state_bytes"]
+
+
+def _check_estimate(value: object) -> MemoryEstimate:
+    """Return ``value`` if it is a MemoryEstimate, else raise a helpful error."""
+    if not isinstance(value, MemoryEstimate):
+        raise TypeError(
+            f"expected a MemoryEstimate, got {type(value).__name__}; make one with estimate()."
+        )
+    return value
+
+
+def training_state_bytes(est: MemoryEstimate) -> int:
+    """Bytes that exist only because the model trains: gradients plus optimizer states."""
+    est = _check_estimate(est)
+    return est.gradients + est.optimizer
+
+
+def gpus_needed(est: MemoryEstimate, gpu: str | float, usable_fraction: float = 0.9) -> int:
+    """Fewest GPUs of one kind that hold the estimate if it were split perfectly among them.
+
+    A lower bound: it assumes every byte can be sharded (as ZeRO-3/FSDP shard weights,
+    gradients and optimizer states) and ignores the communication buffers that sharding adds.
+    """
+    est = _check_estimate(est)
+    if isinstance(gpu, str):
+        if gpu not in GPUS:
+            raise ValueError(f"unknown GPU {gpu!r}; use one of {list(GPUS)} or a size in GB.")
+        gpu_gb = GPUS[gpu]
+    elif isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and gpu > 0:
+        gpu_gb = gpu
+    else:
+        raise TypeError(f"gpu must be a name from GPUS or a positive number of GB, got {gpu!r}.")
+    if isinstance(usable_fraction, bool) or not isinstance(usable_fraction, (int, float)):
+        raise TypeError(f"usable_fraction must be a number in (0, 1], got {usable_fraction!r}.")
+    if not 0 < usable_fraction <= 1:
+        raise ValueError(f"usable_fraction must be in (0, 1], got {usable_fraction}; e.g. 0.9.")
+    return max(1, math.ceil(est.total / (gpu_gb * GB * usable_fraction)))
+
+
+def fit_table(
+    estimates: dict[str, MemoryEstimate],
+    gpus: list[str] | tuple[str, ...] | None = None,
+    usable_fraction: float = 0.9,
+) -> list[dict]:
+    """One row per named estimate: its total in GB and, for each GPU, whether it fits."""
+    if not isinstance(estimates, dict) or not estimates:
+        raise TypeError(
+            "estimates must be a non-empty dict {name: MemoryEstimate}; build it with estimate()."
+        )
+    names = list(GPUS) if gpus is None else gpus
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(f"gpus must be a non-empty list of names from GPUS, got {gpus!r}.")
+    for name in names:
+        if name not in GPUS:
+            raise ValueError(f"unknown GPU {name!r}; use names from {list(GPUS)}.")
+    rows = []
+    for setup, est in estimates.items():
+        row: dict = {"setup": setup, "total_gb": _check_estimate(est).total / GB}
+        row.update({name: fits(est, name, usable_fraction) for name in names})
+        rows.append(row)
+    return rows

@@ -9,7 +9,512 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------------
 # LoRA: rank explorer and alpha explorer (lesson 02)
 # ---------------------------------------------------------------------------------------------
+#
+# rank_stats(delta, r)            -> dict   what keeping rank r of a ΔW costs and captures
+# format_rank_stats(stats)        -> str    the one line the rank explorer shows
+# rank_explorer(delta)            -> VBox   slider "rank r" + text (CSS class course-rank-stats) + plot
+# alpha_stats(r, alpha, rslora)   -> dict   effective scale and first-step update norm
+# format_alpha_stats(stats)       -> str    the one line the alpha explorer shows
+# alpha_explorer()                -> VBox   sliders "rank r", "alpha α", checkbox "rsLoRA" + text
+#                                           (CSS class course-alpha-stats) + plot
+
+#: CSS class of the HTML widget that shows :func:`format_rank_stats` text (browser tests read it).
+RANK_STATS_CLASS = "course-rank-stats"
+#: CSS class of the HTML widget that shows :func:`format_alpha_stats` text.
+ALPHA_STATS_CLASS = "course-alpha-stats"
+#: The largest r the alpha explorer's update-norm experiment allows (SmolLM2's hidden size).
+ALPHA_MAX_RANK = 576
+_UPDATE_NORMS: dict[tuple[int, float, bool], float] = {}
+
+
+def _lora_check_stats(stats: object, keys: tuple[str, ...], maker: str) -> None:
+    """Raise if stats is not a dict holding the given keys."""
+    if not isinstance(stats, dict):
+        raise TypeError(f"stats must be the dict {maker}() returns, got {type(stats).__name__}.")
+    missing = [key for key in keys if key not in stats]
+    if missing:
+        raise ValueError(f"stats lacks {missing}; pass the dict {maker}() returns.")
+
+
+def _lora_check_limit(value: object, name: str, upper: int) -> int:
+    """Return value if it is an int in [1, upper], else raise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError(f"{name} must be an integer between 1 and {upper} (got {value!r}).")
+    return value
+
+
+def _lora_show(out, fig, text: str) -> None:
+    """Show a matplotlib Figure as a PNG in an Output widget (no pyplot, works without a kernel)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    png = base64.b64encode(buffer.getvalue()).decode("ascii")
+    out.outputs = (
+        {
+            "output_type": "display_data",
+            "data": {"image/png": png, "text/plain": text},
+            "metadata": {},
+        },
+    )
+
+
+def rank_stats(delta, r: int) -> dict:
+    """Exactly the numbers the rank explorer shows for keeping the top r directions of `delta`.
+
+    ``reconstruction_error`` is relative, ||ΔW - ΔW_r||_F / ||ΔW||_F = sqrt(tail σ² / all σ²);
+    ``absolute_error`` is ||ΔW - ΔW_r||_F; ``energy_captured`` is top-r Σσ² / Σσ² (a fraction);
+    ``lora_parameters`` is r (d_out + d_in) and ``full_parameters`` d_out d_in.
+    """
+    from course_utils.lora import lora_parameter_count
+    from course_utils.spectrum import _check_rank, energy_captured, singular_values, tail_norm
+
+    sigmas = singular_values(delta)  # checks delta is a real 2-D matrix
+    d_out, d_in = (int(n) for n in delta.shape)
+    r = _check_rank(r, min(d_out, d_in), f"a {d_out} x {d_in} matrix")
+    norm = float(sigmas.square().sum().sqrt())
+    if norm == 0:
+        raise ValueError("delta is all zeros, so there is nothing to approximate; pass a real ΔW.")
+    absolute = tail_norm(sigmas, r)
+    return {
+        "r": r,
+        "shape": (d_out, d_in),
+        "reconstruction_error": absolute / norm,
+        "absolute_error": absolute,
+        "energy_captured": energy_captured(sigmas, r),
+        "lora_parameters": lora_parameter_count(d_out, d_in, r),
+        "full_parameters": d_out * d_in,
+    }
+
+
+def format_rank_stats(stats: dict) -> str:
+    """The rank explorer's line: ``rank r = 8 · reconstruction error = 0.1234 · ...``."""
+    _lora_check_stats(
+        stats, ("r", "reconstruction_error", "energy_captured", "lora_parameters"), "rank_stats"
+    )
+    return (
+        f"rank r = {stats['r']} · reconstruction error = {stats['reconstruction_error']:.4f} · "
+        f"energy captured = {100 * stats['energy_captured']:.2f} % · "
+        f"LoRA parameters = {stats['lora_parameters']:,}"
+    )
+
+
+def _rank_figure(sigmas, curve, stats: dict, title: str):
+    """Spectrum with the kept values highlighted, and the energy curve with r marked."""
+    from matplotlib.figure import Figure
+
+    k, n = stats["r"], len(sigmas)
+    fig = Figure(figsize=(10, 3.4))
+    left, right = fig.subplots(1, 2)
+    ranks = list(range(1, n + 1))
+    left.semilogy(ranks, sigmas, color="lightgray", lw=2, label="dropped")
+    left.semilogy(ranks[:k], sigmas[:k], color="C0", lw=2, label=f"kept (top {k})")
+    left.set(xlabel="index i", ylabel="σ_i", title=f"singular values of {title}")
+    left.legend()
+    right.plot(ranks, [100 * c for c in curve], color="C0")
+    right.axvline(k, color="C3", ls="--")
+    right.plot([k], [100 * stats["energy_captured"]], "o", color="C3")
+    right.set(xlabel="rank r", ylabel="energy captured (%)", ylim=(0, 101))
+    right.set_title(f"top-r energy: {100 * stats['energy_captured']:.1f} % at r = {k}")
+    fig.tight_layout()
+    return fig
+
+
+def rank_explorer(delta, r: int = 8, max_rank: int | None = None, title: str = "ΔW"):
+    """A slider "rank r" over a ΔW showing error, energy, LoRA parameters and the spectrum.
+
+    The HTML widget with CSS class ``course-rank-stats`` always shows
+    ``format_rank_stats(rank_stats(delta, slider.value))``. The returned VBox carries ``slider``,
+    ``stats_html``, ``plot`` (an Output) and ``stats`` (the dict currently shown).
+    """
+    import html
+
+    import ipywidgets as widgets
+
+    from course_utils.spectrum import energy_curve, singular_values
+
+    rank_stats(delta, r)  # fails early, with the helpful message, on a bad r or a zero delta
+    sigmas = singular_values(delta)
+    full_rank = len(sigmas)
+    if max_rank is None:
+        max_rank = max(r, min(64, full_rank))
+    max_rank = _lora_check_limit(max_rank, "max_rank", full_rank)
+    if r > max_rank:
+        raise ValueError(f"r={r} is above max_rank={max_rank}; pass a larger max_rank.")
+    sigmas_list, curve = sigmas.tolist(), energy_curve(sigmas).tolist()
+
+    slider = widgets.IntSlider(value=r, min=1, max=max_rank, step=1, description="rank r")
+    stats_html = widgets.HTML()
+    stats_html.add_class(RANK_STATS_CLASS)
+    plot = widgets.Output()
+    box = widgets.VBox([slider, stats_html, plot])
+
+    def update(change: object = None) -> None:
+        """Recompute and redraw from the slider's current value."""
+        stats = rank_stats(delta, slider.value)
+        box.stats = stats
+        line = format_rank_stats(stats)
+        stats_html.value = html.escape(line)
+        _lora_show(plot, _rank_figure(sigmas_list, curve, stats, title), line)
+
+    slider.observe(update, names="value")
+    box.slider, box.stats_html, box.plot = slider, stats_html, plot
+    update()
+    return box
+
+
+def _update_norm(r: int, alpha: float, rslora: bool) -> float:
+    """first_step_update_norm, remembered: the explorer asks for the same points again and again."""
+    from course_utils.lora import first_step_update_norm
+
+    key = (int(r), float(alpha), bool(rslora))
+    if key not in _UPDATE_NORMS:
+        _UPDATE_NORMS[key] = first_step_update_norm(r, alpha, rslora)
+    return _UPDATE_NORMS[key]
+
+
+def alpha_stats(r: int, alpha: float, rslora: bool = False) -> dict:
+    """Exactly the numbers the alpha explorer shows: effective scale and first-step update norm.
+
+    ``scale`` is alpha / r, or alpha / sqrt(r) with rsLoRA; ``update_norm`` is ||ΔW||_F / lr after
+    one Adam step from the standard init (B = 0) on a 576 x 576 layer
+    (see :func:`course_utils.lora.first_step_update_norm`).
+    """
+    from course_utils.lora import lora_scaling
+
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an integer (got {r!r}); try r=8.")
+    if not 1 <= r <= ALPHA_MAX_RANK:
+        raise ValueError(
+            f"r must be between 1 and {ALPHA_MAX_RANK}, SmolLM2's hidden size (got {r}); try r=8."
+        )
+    if not isinstance(rslora, bool):
+        raise TypeError(f"rslora must be True or False (got {rslora!r}).")
+    scale = lora_scaling(r, alpha, rslora)  # checks alpha > 0 with a helpful message
+    return {
+        "r": r,
+        "alpha": alpha,
+        "rslora": rslora,
+        "rule": "α/√r" if rslora else "α/r",
+        "scale": scale,
+        "update_norm": _update_norm(r, alpha, rslora),
+    }
+
+
+def format_alpha_stats(stats: dict) -> str:
+    """The alpha explorer's line: ``rank r = 8 · alpha α = 16 · rule = α/r · ...``."""
+    _lora_check_stats(stats, ("r", "alpha", "rule", "scale", "update_norm"), "alpha_stats")
+    return (
+        f"rank r = {stats['r']} · alpha α = {stats['alpha']:g} · rule = {stats['rule']} · "
+        f"effective scale = {stats['scale']:.4f} · update norm = {stats['update_norm']:.4f} × lr"
+    )
+
+
+def _alpha_figure(stats: dict, ranks: list[int]):
+    """Effective scale and first-step update norm against r, for both rules, at the current α."""
+    from matplotlib.figure import Figure
+
+    a, k = stats["alpha"], stats["r"]
+    fig = Figure(figsize=(10, 3.4))
+    left, right = fig.subplots(1, 2)
+    for rslora, label, color in ((False, "α/r (LoRA)", "C0"), (True, "α/√r (rsLoRA)", "C1")):
+        points = [alpha_stats(q, a, rslora) for q in ranks]
+        left.loglog(ranks, [p["scale"] for p in points], "o-", ms=3, color=color, label=label)
+        right.loglog(
+            ranks, [p["update_norm"] for p in points], "o-", ms=3, color=color, label=label
+        )
+    left.plot([k], [stats["scale"]], "*", ms=14, color="C3", label="you are here")
+    right.plot([k], [stats["update_norm"]], "*", ms=14, color="C3", label="you are here")
+    left.set(xlabel="rank r", ylabel="effective scale", title=f"scale at α = {a:g}")
+    right.set(xlabel="rank r", ylabel="||ΔW||_F / lr", title="update after one Adam step")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def alpha_explorer(
+    r: int = 8, alpha: int = 16, rslora: bool = False, max_rank: int = 128, max_alpha: int = 128
+):
+    """Sliders "rank r" and "alpha α" and a checkbox "rsLoRA": effective scale and update norm.
+
+    The HTML widget with CSS class ``course-alpha-stats`` always shows
+    ``format_alpha_stats(alpha_stats(r, alpha, rslora))`` for the current values. The returned
+    VBox carries ``controls`` ({"r", "alpha", "rslora"}), ``stats_html``, ``plot`` (an Output)
+    and ``stats`` (the dict currently shown).
+    """
+    import html
+
+    import ipywidgets as widgets
+
+    max_rank = _lora_check_limit(max_rank, "max_rank", ALPHA_MAX_RANK)
+    max_alpha = _lora_check_limit(max_alpha, "max_alpha", 4096)
+    alpha_stats(r, alpha, rslora)  # fails early, with the helpful message, on bad values
+    if isinstance(alpha, bool) or not isinstance(alpha, int):
+        raise TypeError(f"alpha must be an integer for the slider (got {alpha!r}); try alpha=16.")
+    if r > max_rank or alpha > max_alpha:
+        raise ValueError(
+            f"r={r} and alpha={alpha} must not exceed max_rank={max_rank} and "
+            f"max_alpha={max_alpha}; raise those limits."
+        )
+    controls = {
+        "r": widgets.IntSlider(value=r, min=1, max=max_rank, description="rank r"),
+        "alpha": widgets.IntSlider(value=alpha, min=1, max=max_alpha, description="alpha α"),
+        "rslora": widgets.Checkbox(value=rslora, description="rsLoRA"),
+    }
+    stats_html = widgets.HTML()
+    stats_html.add_class(ALPHA_STATS_CLASS)
+    plot = widgets.Output()
+    box = widgets.VBox([*controls.values(), stats_html, plot])
+    grid = [2**i for i in range(max_rank.bit_length()) if 2**i <= max_rank]
+
+    def update(change: object = None) -> None:
+        """Recompute and redraw from the controls' current values."""
+        stats = alpha_stats(**{name: control.value for name, control in controls.items()})
+        box.stats = stats
+        line = format_alpha_stats(stats)
+        stats_html.value = html.escape(line)
+        _lora_show(plot, _alpha_figure(stats, sorted(set(grid) | {stats["r"]})), line)
+
+    for control in controls.values():
+        control.observe(update, names="value")
+    box.controls, box.stats_html, box.plot = controls, stats_html, plot
+    update()
+    return box
+
 
 # ---------------------------------------------------------------------------------------------
 # Memory calculator (lesson 03)
 # ---------------------------------------------------------------------------------------------
+#
+# memory_stats(model, method, dtype, batch, seq_len, optimizer) -> dict   memory.estimate in GB
+#                                                                         + the GPUs it fits
+# format_memory_stats(stats) -> str   the one line the calculator shows (CSS course-memory-stats)
+# memory_calculator(...)     -> VBox  model/method/dtype/optimizer, sliders "batch" and "seq len",
+#                                     that line, a breakdown bar chart and a GPU table
+
+#: CSS class of the HTML widget that shows :func:`format_memory_stats` text (browser tests read it).
+MEMORY_STATS_CLASS = "course-memory-stats"
+#: CSS class of the HTML table saying which GPUs the setting fits on.
+MEMORY_GPUS_CLASS = "course-memory-gpus"
+#: Training methods the memory calculator offers.
+MEMORY_METHODS = ("full", "lora", "qlora")
+#: The parts of training memory, in the order they are displayed.
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
+_MEMORY_COLORS = {
+    "weights": "#4C72B0",
+    "gradients": "#DD8452",
+    "optimizer": "#C44E52",
+    "activations": "#55A868",
+}
+
+
+def _memory_choice(value: object, name: str, choices: tuple | list) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise an error listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}.")
+    return value
+
+
+def _memory_int(value: object, name: str) -> int:
+    """Return ``value`` if it is a positive int, else raise a helpful error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}; e.g. {name}=4.")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}; e.g. {name}=4.")
+    return value
+
+
+def memory_stats(
+    model: str = "SmolLM2-135M",
+    method: str = "full",
+    dtype: str = "fp32",
+    batch: int = 4,
+    seq_len: int = 512,
+    optimizer: str = "adamw",
+) -> dict:
+    """Exactly the numbers the memory calculator displays: ``memory.estimate`` in GB + the GPUs it fits.
+
+    Returns a dict with the settings, ``n_params``, ``trainable_params``, ``<part>_bytes`` and
+    ``<part>_gb`` for weights, gradients, optimizer, activations and total (GB = GiB, as in
+    :mod:`course_utils.memory`), ``gpus`` ({name: fits?}, smallest card first) and ``fits``
+    (the names that fit, same order).
+    """
+    from course_utils import memory
+
+    model = _memory_choice(model, "model", list(memory.PRESETS))
+    method = _memory_choice(method, "method", MEMORY_METHODS)
+    dtype = _memory_choice(dtype, "dtype", list(memory.BYTES_PER_DTYPE))
+    optimizer = _memory_choice(optimizer, "optimizer", list(memory.OPTIMIZER_BYTES_PER_PARAM))
+    batch = _memory_int(batch, "batch")
+    seq_len = _memory_int(seq_len, "seq_len")
+    est = memory.estimate(model, method, dtype, batch, seq_len, optimizer)
+    stats: dict = {
+        "model": model,
+        "method": method,
+        "dtype": dtype,
+        "batch": batch,
+        "seq_len": seq_len,
+        "optimizer": optimizer,
+        "n_params": est.n_params,
+        "trainable_params": est.trainable_params,
+    }
+    for part, value in est.breakdown().items():
+        stats[f"{part}_bytes"] = value
+        stats[f"{part}_gb"] = value / memory.GB
+    gpus = sorted(memory.GPUS, key=lambda name: memory.GPUS[name])
+    stats["gpus"] = {name: memory.fits(est, name) for name in gpus}
+    stats["fits"] = [name for name in gpus if stats["gpus"][name]]
+    return stats
+
+
+def format_memory_stats(stats: dict) -> str:
+    """The one line of text the calculator shows, e.g. ``weights 0.50 GB · ... · fits: T4 16 GB``."""
+    if not isinstance(stats, dict):
+        raise TypeError(
+            f"stats must be the dict memory_stats() returns, got {type(stats).__name__}."
+        )
+    keys = [f"{part}_gb" for part in (*MEMORY_PARTS, "total")] + ["fits"]
+    missing = [key for key in keys if key not in stats]
+    if missing:
+        raise ValueError(f"stats lacks {missing}; pass the dict memory_stats() returns.")
+    parts = [f"{part} {stats[f'{part}_gb']:.2f} GB" for part in (*MEMORY_PARTS, "total")]
+    fits = ", ".join(stats["fits"]) if stats["fits"] else "none"
+    return " · ".join(parts) + f" · fits: {fits}"
+
+
+def _memory_gpu_table(stats: dict) -> str:
+    """An HTML table: each GPU, its memory, whether the setting fits and how full it would be."""
+    import html
+
+    from course_utils import memory
+
+    rows = []
+    for name, ok in stats["gpus"].items():
+        usage = stats["total_bytes"] / (memory.GPUS[name] * memory.GB)
+        mark = "✓ fits" if ok else "✗ too small"
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{memory.GPUS[name]:g} GB</td>"
+            f"<td>{mark}</td><td>{usage:.0%}</td></tr>"
+        )
+    head = "<tr><th>GPU</th><th>memory</th><th>this setting</th><th>used</th></tr>"
+    note = "fits = total ≤ 90 % of the card (the rest goes to the CUDA context and allocator)"
+    return f"<table>{head}{''.join(rows)}</table><small>{note}</small>"
+
+
+def _memory_chart_png(stats: dict) -> bytes:
+    """A horizontal bar per memory part plus the total, with the GPU sizes as dashed lines (PNG)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from course_utils import memory
+
+    names = [*MEMORY_PARTS, "total"]
+    values = [stats[f"{name}_gb"] for name in names]
+    fig = Figure(figsize=(7, 2.6))
+    ax = fig.subplots()
+    colors = [_MEMORY_COLORS.get(name, "#555555") for name in names]
+    bars = ax.barh(names[::-1], values[::-1], color=colors[::-1])
+    ax.bar_label(bars, labels=[f"{v:.2f} GB" for v in values[::-1]], padding=3, fontsize=8)
+    top = max(values) * 1.25 or 1.0
+    for name, size in memory.GPUS.items():
+        if top * 0.04 <= size <= top:  # lines far left of the bars would only be clutter
+            ax.axvline(size, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(size, 4.45, name, rotation=90, fontsize=7, va="top", ha="right")
+    ax.set_xlim(0, top)
+    ax.set_xlabel("GB")
+    ax.set_title(
+        f"{stats['model']} · {stats['method']} · {stats['dtype']} · {stats['optimizer']} · "
+        f"batch {stats['batch']} × {stats['seq_len']} tokens",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+def memory_calculator(
+    model: str = "SmolLM2-135M",
+    method: str = "full",
+    dtype: str = "fp32",
+    batch: int = 4,
+    seq_len: int = 512,
+    optimizer: str = "adamw",
+):
+    """An ipywidgets memory calculator over :func:`memory_stats`; returns the widget to display.
+
+    The text in the HTML widget with CSS class ``course-memory-stats`` is always
+    ``format_memory_stats(memory_stats(...current values...))``. The returned VBox carries
+    ``controls`` (dict of the input widgets by argument name), ``stats_html``, ``gpu_table``,
+    ``chart`` (an Output) and ``stats`` (the dict currently shown).
+    """
+    import base64
+    import html
+
+    import ipywidgets as widgets
+
+    from course_utils import memory
+
+    memory_stats(model, method, dtype, batch, seq_len, optimizer)  # validate before building
+    wide = {"description_width": "80px"}
+    controls = {
+        "model": widgets.Dropdown(
+            options=list(memory.PRESETS), value=model, description="model", style=wide
+        ),
+        "method": widgets.ToggleButtons(
+            options=list(MEMORY_METHODS), value=method, description="method", style=wide
+        ),
+        "dtype": widgets.Dropdown(
+            options=list(memory.BYTES_PER_DTYPE), value=dtype, description="dtype", style=wide
+        ),
+        "optimizer": widgets.Dropdown(
+            options=list(memory.OPTIMIZER_BYTES_PER_PARAM),
+            value=optimizer,
+            description="optimizer",
+            style=wide,
+        ),
+        "batch": widgets.IntSlider(
+            value=batch, min=1, max=max(64, batch), step=1, description="batch", style=wide
+        ),
+        "seq_len": widgets.IntSlider(
+            value=seq_len,
+            min=min(64, seq_len),
+            max=max(8192, seq_len),
+            step=64,
+            description="seq len",
+            style=wide,
+        ),
+    }
+    stats_html = widgets.HTML()
+    stats_html.add_class(MEMORY_STATS_CLASS)
+    gpu_table = widgets.HTML()
+    gpu_table.add_class(MEMORY_GPUS_CLASS)
+    chart = widgets.Output()
+    box = widgets.VBox([*controls.values(), stats_html, chart, gpu_table])
+
+    def update(change: object = None) -> None:
+        """Recompute and redraw everything from the controls' current values."""
+        stats = memory_stats(**{name: control.value for name, control in controls.items()})
+        box.stats = stats
+        stats_html.value = html.escape(format_memory_stats(stats))
+        gpu_table.value = _memory_gpu_table(stats)
+        png = base64.b64encode(_memory_chart_png(stats)).decode("ascii")
+        chart.outputs = (
+            {
+                "output_type": "display_data",
+                "data": {"image/png": png, "text/plain": format_memory_stats(stats)},
+                "metadata": {},
+            },
+        )
+
+    for control in controls.values():
+        control.observe(update, names="value")
+    box.controls = controls
+    box.stats_html = stats_html
+    box.gpu_table = gpu_table
+    box.chart = chart
+    update()
+    return box

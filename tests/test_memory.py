@@ -1,5 +1,7 @@
 """Tests for course_utils.memory: the estimator's rules and parameter counts against real models."""
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -182,3 +184,58 @@ def test_bad_inputs_raise_helpful_errors():
         M.fits(1, "H100")
     with pytest.raises(TypeError, match="nn.Module"):
         M.measure_model_bytes(_tiny_model().state_dict())
+
+
+# ------------------------------------------------------------------------------ weights alone
+
+
+def test_param_groups_add_up_to_count_params():
+    for name in M.PRESETS:
+        groups = M.param_groups(name)
+        assert set(groups) == {"embeddings", "linear", "other", "lm_head"}
+        assert sum(groups.values()) == M.count_params(name)
+    groups = M.param_groups("SmolLM2-135M")
+    assert groups["lm_head"] == 0  # tied embeddings
+    assert groups["embeddings"] == 49152 * 576
+
+
+def test_weight_bytes_per_dtype_and_nf4():
+    n = M.count_params("Llama-2-7B")
+    assert M.weight_bytes("Llama-2-7B", "fp32") == 4 * n
+    assert M.weight_bytes("Llama-2-7B", "bf16") == 2 * n
+    groups = M.param_groups("Llama-2-7B")
+    rest = n - groups["linear"]
+    nf4 = M.weight_bytes("Llama-2-7B", "bf16", quantization="nf4")
+    assert nf4 == math.ceil(groups["linear"] * double_quant_bits_per_param() / 8) + 2 * rest
+    plain = M.weight_bytes("Llama-2-7B", "bf16", quantization="nf4", double_quant=False)
+    assert plain == math.ceil(groups["linear"] * 4.5 / 8) + 2 * rest
+    assert M.weight_bytes(1000, "fp16", quantization="nf4", double_quant=False) == 563
+    # The QLoRA estimate's frozen weights are exactly these bytes.
+    est = M.estimate("Llama-2-7B", method="qlora", dtype="bf16", adapter_dtype="fp32")
+    assert est.weights == nf4 + est.trainable_params * 4
+
+
+def test_weight_bytes_equals_a_real_fp32_model():
+    model = _tiny_model()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert M.weight_bytes(model.config, "fp32") == params
+
+
+def test_weight_bytes_bad_inputs_say_what_to_use():
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bf16', 'fp16', 'fp32'\]"):
+        M.weight_bytes("SmolLM2-135M", "fp8")
+    with pytest.raises(ValueError, match="'nf4'"):
+        M.weight_bytes("SmolLM2-135M", quantization="int3")
+    with pytest.raises(ValueError, match="unknown preset"):
+        M.weight_bytes("Llama-9-1B")
+    with pytest.raises(TypeError, match="double_quant"):
+        M.weight_bytes("SmolLM2-135M", quantization="nf4", double_quant="yes")
+    with pytest.raises(ValueError, match="positive"):
+        M.weight_bytes(0)
+
+
+def test_estimate_unknown_dtype_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"\['bf16', 'fp16', 'fp32'\]"):
+        M.estimate("SmolLM2-135M", dtype="float32")
+    with pytest.raises(ValueError, match=r"\['full', 'lora', 'qlora'\]"):
+        M.estimate("SmolLM2-135M", method="dora")

@@ -1,5 +1,7 @@
 """Tests for course_utils.quant: the from-scratch code must agree with bitsandbytes and gguf."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -257,3 +259,73 @@ def test_bad_inputs_raise_helpful_errors():
         Q.nf4_dequantize(packed, absmax, (128,), block_size=32)
     with pytest.raises(ValueError, match="offset"):
         Q.nf4_codebook(offset=1.5)
+
+
+# ------------------------------------------------------------------------------ block sizes
+
+
+def test_block_size_must_fit_where_the_format_requires_it():
+    with pytest.raises(ValueError, match="even"):
+        Q.q4_1_quantize(torch.randn(4, 33), block_size=33)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        Q.q4_1_quantize(torch.randn(4, 48), block_size=32)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        Q.nf4_quantize(torch.randn(128), block_size=64.0)
+    q, scales = Q.blockwise_absmax_quantize(torch.randn(256), block_size=64)
+    with pytest.raises(ValueError, match="same block_size"):
+        Q.blockwise_absmax_dequantize(q, scales, block_size=32)
+    q8, absmax2, offset = Q.double_quantize_absmax(torch.rand(600), block_size=256)
+    with pytest.raises(ValueError, match="same block_size"):
+        Q.double_dequantize_absmax(q8, absmax2, offset, block_size=128)
+    with pytest.raises(ValueError, match="shape"):
+        Q.q4_1_dequantize(*Q.q4_1_quantize(torch.randn(2, 64)), (3, 64))
+
+
+# ------------------------------------------------------------------------------ lesson 03
+
+
+def _lesson_function(name):
+    """Run the notebook cell of lesson 03 that defines `name` and return the function."""
+    import nbformat
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "03_quantization.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    sources = [
+        c.source for c in notebook.cells if c.cell_type == "code" and f"def {name}(" in c.source
+    ]
+    assert len(sources) == 1, f"expected one cell defining {name} in {path.name}"
+    namespace = {"torch": torch}
+    exec(sources[0], namespace)  # the cell holds only imports and the definition
+    return namespace[name]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lesson_absmax_int8_equals_the_package(seed):
+    absmax_int8 = _lesson_function("absmax_int8")
+    torch.manual_seed(seed)
+    x = torch.randn(33, 70) * 0.05
+    x[3, 4] = 1.5  # an outlier sets the scale
+    q, scale = absmax_int8(x)
+    q_ref, scale_ref = Q.absmax_quantize(x, bits=8)
+    assert q.dtype == torch.int8
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
+@pytest.mark.parametrize("shift", [-0.5, 0.0, 0.25, 3.0])
+def test_lesson_zeropoint_uint8_equals_the_package(shift):
+    zeropoint_uint8 = _lesson_function("zeropoint_uint8")
+    torch.manual_seed(7)
+    x = torch.rand(1000) * 4 + shift  # one-sided, straddling zero, or all positive
+    q, scale, zero_point = zeropoint_uint8(x)
+    q_ref, scale_ref, zero_point_ref = Q.zeropoint_quantize(x)
+    assert q.dtype == torch.uint8
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert int(zero_point) == int(zero_point_ref)
+
+
+def test_lesson_nf4_codebook_equals_the_package_and_bitsandbytes():
+    nf4_codebook_from_scratch = _lesson_function("nf4_codebook_from_scratch")
+    code = nf4_codebook_from_scratch()
+    assert torch.equal(code, Q.nf4_codebook())
+    assert torch.equal(code, bnb_functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4_codebook_from_scratch(0.95), Q.nf4_codebook(0.95))

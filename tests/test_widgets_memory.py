@@ -1,0 +1,175 @@
+"""Tests for the memory calculator of lesson 03: what it displays is exactly memory.estimate."""
+
+import html
+
+import pytest
+
+from course_utils import memory
+from course_utils.widgets import (
+    MEMORY_STATS_CLASS,
+    format_memory_stats,
+    memory_calculator,
+    memory_stats,
+)
+
+SETTINGS = [
+    ("SmolLM2-135M", "full", "fp32", 4, 512, "adamw"),
+    ("Llama-3.2-1B", "lora", "bf16", 2, 1024, "adamw_8bit"),
+    ("Llama-2-7B", "qlora", "fp16", 1, 256, "sgd"),
+    ("Llama-3-70B", "qlora", "bf16", 8, 4096, "adamw"),
+]
+
+
+# ------------------------------------------------------------------------------ memory_stats
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(map(str, s)))
+def test_displayed_numbers_are_the_estimate(setting):
+    model, method, dtype, batch, seq_len, optimizer = setting
+    stats = memory_stats(model, method, dtype, batch, seq_len, optimizer)
+    est = memory.estimate(model, method, dtype, batch, seq_len, optimizer)
+    for part, value in est.breakdown().items():
+        assert stats[f"{part}_bytes"] == value
+        assert stats[f"{part}_gb"] == value / memory.GB
+    assert stats["n_params"] == est.n_params
+    assert stats["trainable_params"] == est.trainable_params
+    assert (stats["model"], stats["method"], stats["batch"], stats["seq_len"]) == (
+        model,
+        method,
+        batch,
+        seq_len,
+    )
+    assert set(stats["gpus"]) == set(memory.GPUS)
+    for gpu, ok in stats["gpus"].items():
+        assert ok == memory.fits(est, gpu)
+    assert stats["fits"] == [gpu for gpu, ok in stats["gpus"].items() if ok]
+    sizes = [memory.GPUS[gpu] for gpu in stats["gpus"]]
+    assert sizes == sorted(sizes)  # smallest card first
+
+
+def test_stats_follow_the_inputs():
+    small, big = memory_stats(batch=1), memory_stats(batch=16)
+    assert big["activations_gb"] > small["activations_gb"]
+    assert big["weights_gb"] == small["weights_gb"]
+    full, lora, qlora = (
+        memory_stats("Llama-2-7B", m, "bf16", 1, 512) for m in ("full", "lora", "qlora")
+    )
+    assert full["total_gb"] > lora["total_gb"] > qlora["total_gb"]
+    assert full["fits"] == [] and "T4 16 GB" in qlora["fits"]
+
+
+# ------------------------------------------------------------------------------ the text
+
+
+def test_format_is_predictable():
+    stats = {
+        "weights_gb": 0.5,
+        "gradients_gb": 0.5,
+        "optimizer_gb": 1.0,
+        "activations_gb": 0.123,
+        "total_gb": 2.123,
+        "fits": ["T4 16 GB", "A100 40 GB"],
+    }
+    assert format_memory_stats(stats) == (
+        "weights 0.50 GB · gradients 0.50 GB · optimizer 1.00 GB · activations 0.12 GB · "
+        "total 2.12 GB · fits: T4 16 GB, A100 40 GB"
+    )
+    assert format_memory_stats({**stats, "fits": []}).endswith(" · fits: none")
+
+
+def test_format_of_real_stats_shows_every_number():
+    stats = memory_stats("Llama-2-7B", "lora", "bf16", 2, 512, "adamw")
+    text = format_memory_stats(stats)
+    for part in ("weights", "gradients", "optimizer", "activations", "total"):
+        assert f"{part} {stats[f'{part}_gb']:.2f} GB" in text
+    assert text.endswith("fits: " + ", ".join(stats["fits"]))
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "listed"),
+    [
+        ({"model": "GPT-5"}, "SmolLM2-135M"),
+        ({"method": "dora"}, "qlora"),
+        ({"dtype": "fp8"}, "bf16"),
+        ({"optimizer": "adam"}, "adamw_8bit"),
+    ],
+)
+def test_unknown_choices_list_the_valid_ones(kwargs, listed):
+    with pytest.raises(ValueError, match=listed):
+        memory_stats(**kwargs)
+    with pytest.raises(ValueError, match=listed):
+        memory_calculator(**kwargs)
+
+
+def test_bad_numbers_and_bad_stats():
+    with pytest.raises(ValueError, match="positive"):
+        memory_stats(batch=0)
+    with pytest.raises(TypeError, match="int"):
+        memory_stats(seq_len="512")
+    with pytest.raises(TypeError, match="int"):
+        memory_stats(batch=True)
+    with pytest.raises(TypeError, match="memory_stats"):
+        format_memory_stats("weights 1 GB")
+    with pytest.raises(ValueError, match="total_gb"):
+        format_memory_stats({"weights_gb": 1.0})
+
+
+# ------------------------------------------------------------------------------ the widget
+
+
+def _text(calculator):
+    return html.unescape(calculator.stats_html.value)
+
+
+def test_widget_shows_the_formatted_stats_and_updates_on_change():
+    calculator = memory_calculator()
+    assert MEMORY_STATS_CLASS == "course-memory-stats"
+    assert MEMORY_STATS_CLASS in calculator.stats_html._dom_classes
+    assert _text(calculator) == format_memory_stats(memory_stats())
+    controls = calculator.controls
+    assert controls["batch"].description == "batch"
+    assert controls["seq_len"].description == "seq len"
+    assert list(controls["model"].options) == list(memory.PRESETS)
+
+    controls["batch"].value = 9
+    assert _text(calculator) == format_memory_stats(memory_stats(batch=9))
+    controls["method"].value = "qlora"
+    controls["model"].value = "Llama-2-7B"
+    controls["dtype"].value = "bf16"
+    controls["seq_len"].value = 1024
+    controls["optimizer"].value = "adamw_8bit"
+    expected = memory_stats("Llama-2-7B", "qlora", "bf16", 9, 1024, "adamw_8bit")
+    assert calculator.stats == expected
+    assert _text(calculator) == format_memory_stats(expected)
+
+
+def test_widget_draws_the_chart_and_the_gpu_table():
+    calculator = memory_calculator(model="Llama-2-7B", method="lora", dtype="bf16", batch=2)
+    (output,) = calculator.chart.outputs
+    assert output["data"]["image/png"].startswith("iVBORw0KGgo")  # base64 of a PNG header
+    table = calculator.gpu_table.value
+    for gpu in memory.GPUS:
+        assert html.escape(gpu) in table
+    assert table.count("✓ fits") == len(calculator.stats["fits"])
+    before = output["data"]["image/png"]
+    calculator.controls["batch"].value = 32
+    assert calculator.chart.outputs[0]["data"]["image/png"] != before
+
+
+def test_widget_starts_from_the_given_values():
+    calculator = memory_calculator("Mistral-7B", "qlora", "fp16", 3, 2048, "sgd")
+    values = {name: control.value for name, control in calculator.controls.items()}
+    assert values == {
+        "model": "Mistral-7B",
+        "method": "qlora",
+        "dtype": "fp16",
+        "batch": 3,
+        "seq_len": 2048,
+        "optimizer": "sgd",
+    }
+    assert _text(calculator) == format_memory_stats(
+        memory_stats("Mistral-7B", "qlora", "fp16", 3, 2048, "sgd")
+    )
