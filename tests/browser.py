@@ -66,7 +66,11 @@ def jupyterlab(workdir: Path) -> Iterator[str]:
         "--LabApp.extension_manager=readonly",
         f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={workdir / 'ws'}",
     ]  # fmt: skip
-    environment = os.environ | {"JUPYTER_RUNTIME_DIR": str(workdir / "runtime")}
+    environment = os.environ | {
+        "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"),
+        "COURSE_PROFILE": os.environ.get("COURSE_PROFILE", "ci"),  # kernels inherit it
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
     log = open(workdir / "lab.log", "w")  # noqa: SIM115 - closed in finally
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
