@@ -13,13 +13,17 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 CELL_TIMEOUT ?= 900
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course setup model browser test lint bench timings clean help
+.PHONY: course setup model browser test lint bench timings exercises check-exercises grade clean help
+OUT ?= outputs/grading
 
 help:
 	@echo "make course   set up (once) and start JupyterLab on notebooks/00_start_here.ipynb"
 	@echo "make test     set up (once) and run the whole test suite (lint, unit, notebooks)"
 	@echo "make lint     ruff check + ruff format --check over course_utils, tests, notebooks"
 	@echo "make timings  run every notebook with the full profile and record its wall time"
+	@echo "make bench    measure the memory estimator against real training steps (prints a table)"
+	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
+	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
 
 setup: $(STAMP)
 
@@ -51,8 +55,8 @@ browser:
 		else echo "Install Debian's chromium (sudo apt-get install chromium) for the browser tests."; exit 1; fi; }
 
 lint: setup
-	$(BIN)/ruff check course_utils tests notebooks
-	$(BIN)/ruff format --check course_utils tests notebooks
+	$(BIN)/ruff check course_utils tests notebooks solutions
+	$(BIN)/ruff format --check course_utils tests notebooks solutions
 
 test: model browser lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks \
@@ -60,6 +64,21 @@ test: model browser lint
 
 timings: model
 	$(BIN)/python -m course_utils.course_map --measure notebooks/*.ipynb
+
+bench: model
+	$(BIN)/python -m course_utils.bench memory
+
+# Graded exercises (nbgrader, configured in course_utils/grading.py); never edit exercises/ by hand.
+exercises: setup
+	$(BIN)/python -m course_utils.grading generate
+
+check-exercises: setup
+	$(BIN)/python -m course_utils.grading validate
+
+# SUBMISSIONS/<student>/<notebook>.ipynb -> $(OUT)/grades.csv + $(OUT)/feedback/
+grade: setup
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/ [OUT=outputs/grading] [GRADE_ARGS='--jobs 2']"; exit 2; }
+	$(BIN)/python -m course_utils.grading "$(SUBMISSIONS)" --out "$(OUT)" $(GRADE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,726 @@
+"""Is the memory estimator right? Measure a real training step and compare.
+
+``python -m course_utils.bench memory`` trains SmolLM2-135M for real (full fine-tuning, LoRA
+and QLoRA: forward, backward and an AdamW step), each method in a *fresh* Python subprocess so
+that nothing one method allocated hides in another's numbers, measures the peak memory of the
+training state and prints it next to :func:`course_utils.memory.estimate`, with the error.
+
+What "measured" means
+---------------------
+On a GPU the honest number is ``torch.cuda.max_memory_allocated()``: the peak of the bytes held
+by live tensors, without the CUDA context or the caching allocator's spare blocks. That is what
+the estimator models, and it is what this module reports on CUDA.
+
+A CPU has no such counter, and the obvious substitute, the process's peak resident set (RSS),
+measures something else:
+
+* **malloc keeps freed memory.** glibc raises its mmap threshold as big blocks are freed, so
+  freed activations stay in its heap for re-use and the RSS stays far above the bytes in use
+  after a step. RSS is the CPU twin of ``max_memory_reserved``, not of ``max_memory_allocated``.
+* **The weights are memory-mapped.** safetensors maps the checkpoint; its pages count in RSS
+  only once touched, and stay counted while any tensor still points into the file. The NF4
+  model keeps its fp32 embeddings as views of the fp32 checkpoint, so after QLoRA loading the
+  whole file read for quantization is still in RSS (clean page cache, not training state).
+* Shared-library code paged in by the first backward pass, thread stacks and oneDNN buffers.
+
+So on CPU the bench counts what PyTorch's allocator hands out: ``torch.profiler`` with
+``profile_memory=True`` records every allocation and free of the CPU allocator, in order, with
+its size. Their running sum is the bytes held by live tensors at every instant; its maximum
+over the training steps, plus the bytes of the model's parameters and buffers when the profiler
+started (:func:`course_utils.memory.measure_model_bytes`, which counts the NF4 quantization
+state too), is the CPU counterpart of ``max_memory_allocated``. As an independent check, the
+subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (big blocks go back to the kernel as soon
+as they are freed) and reports its peak RSS growth since just before the model was loaded
+(``VmHWM``, reset after loading through ``/proc/self/clear_refs``): it must lie a little above
+the allocator's count, never below. It is printed, not compared.
+
+Two steps are run and the peak is taken over both: AdamW creates its two moments lazily in the
+first ``step()``, so only from the second step on do weights, optimizer states, activations and
+gradients live together as they do for the rest of a training run. The loop is what
+``transformers.Trainer`` does: ``loss = model(**batch).loss`` (the logits are not kept),
+``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. LoRA is
+PEFT's: r=16, alpha=32, every linear layer of every block, adapters in fp32; QLoRA adds the
+NF4 model and ``peft.prepare_model_for_kbit_training``, which turns gradient checkpointing on.
+The table splits each measurement the way the estimator does: weights (parameters and buffers
+as stored), gradients (``.grad`` bytes after the last backward), optimizer (AdamW's state
+tensors) and activations (what the last forward pass left alive for the backward pass); below
+it, the phase in which each peak fell and what it was made of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import env
+from .memory import LLAMA_LINEAR_LAYERS, estimate, measure_model_bytes
+
+__all__ = [
+    "METHODS",
+    "MODELS",
+    "PeakMemory",
+    "compare_memory",
+    "format_memory_table",
+    "main",
+    "measure_training_step",
+]
+
+#: The fine-tuning methods the bench measures.
+METHODS = ("full", "lora", "qlora")
+#: ``smollm2``: the course model (via course_utils.assets); ``tiny``: a random 2-layer Llama
+#: built on the spot, for fast tests of the machinery.
+MODELS = ("smollm2", "tiny")
+#: The tiny random Llama used by the tests (no download, a few MB).
+TINY_CONFIG = {
+    "vocab_size": 1024,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
+#: Config keys handed back from the subprocess so the estimator sees the real model's shape.
+_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_RESULT_MARK = "BENCH_RESULT "
+MB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the process's memory (Linux; None elsewhere)
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status(key: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, ...) in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The measuring instrument
+# --------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak bytes held by live torch tensors inside a ``with`` block, on CPU or CUDA.
+
+    CPU: the running sum of the allocations and frees that ``torch.profiler`` records;
+    CUDA: ``torch.cuda.max_memory_allocated``. Both count only what was allocated *inside* the
+    block (``peak`` is relative to the entry level). ``phase(name)`` marks a part of the block;
+    after exit ``phases[name]`` holds the live bytes at its start and end and its peak.
+    ``rss_peak`` is the process's peak RSS inside the block (CPU, Linux), or the allocator's
+    peak reserved bytes on CUDA.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        """Prepare to measure on ``device`` ('cpu' or 'cuda')."""
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"PeakMemory measures 'cpu' or 'cuda', not {self.device.type!r}.")
+        self.peak: int | None = None
+        self.rss_peak: int | None = None
+        self.phases: dict[str, dict[str, int]] = {}
+        self._marks: list[tuple[str, int, int]] = []
+        self._cuda_peak = 0
+        self._profiler = None
+        self._start = 0
+
+    def __enter__(self) -> PeakMemory:
+        """Start counting."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            self._cuda_peak = self._start
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+            _reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Stop counting and work out the peak and the phases."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
+            self.peak = peak - self._start
+            self.rss_peak = torch.cuda.max_memory_reserved(self.device)
+            return
+        self.rss_peak = _proc_status("VmHWM")
+        self._profiler.__exit__(*exc_info)
+        events = sorted(
+            (event.start_ns(), event.nbytes())
+            for event in self._profiler.profiler.kineto_results.events()
+            if event.name() == "[memory]"
+        )
+        self._profiler = None
+        times = [t for t, _ in events]
+        live = [0]
+        for _, nbytes in events:
+            live.append(live[-1] + nbytes)
+        self.peak = max(live)
+        from bisect import bisect_right
+
+        for name, start_ns, end_ns in self._marks:
+            first, last = bisect_right(times, start_ns), bisect_right(times, end_ns)
+            self.phases[name] = {
+                "start": live[first],
+                "end": live[last],
+                "peak": max(live[first : last + 1]),
+            }
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Mark a named part of the measured block (e.g. 'forward', 'backward')."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("phase needs a non-empty name such as 'forward'.")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            # resetting the peak counter below forgets the maximum so far: keep it here
+            self._cuda_peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
+            start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self._cuda_peak = max(self._cuda_peak, peak)
+            self.phases[name] = {
+                "start": start - self._start,
+                "end": torch.cuda.memory_allocated(self.device) - self._start,
+                "peak": peak - self._start,
+            }
+            return
+        from torch.profiler import record_function
+
+        start_ns = time.time_ns()  # the profiler's clock
+        with record_function(name):
+            yield
+        self._marks.append((name, start_ns, time.time_ns()))
+
+
+# --------------------------------------------------------------------------------------------
+# One training step, inside the subprocess
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_model(dtype: torch.dtype, device: torch.device, quantize: bool):
+    """A random 2-layer Llama, saved and loaded back like a real checkpoint (NF4 if asked)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).save_pretrained(folder)
+        options: dict = {"dtype": dtype}
+        if quantize:
+            from transformers import BitsAndBytesConfig
+
+            options["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            options["device_map"] = {"": str(device)}
+        model = AutoModelForCausalLM.from_pretrained(folder, **options)
+        # unquantized weights may be memory-mapped from the folder about to go: own them
+        for param in model.parameters():
+            if type(param).__name__ != "Params4bit":
+                param.data = param.data.clone()
+    return model if quantize else model.to(device)
+
+
+def _prepare_model(args: argparse.Namespace, device: torch.device):
+    """Load the model for ``args.method`` and wrap it for training (PEFT LoRA for lora/qlora)."""
+    dtype = _DTYPES[args.dtype]
+    quantize = args.method == "qlora"
+    if args.model == "tiny":
+        model = _tiny_model(dtype, device, quantize)
+    else:
+        from .assets import load_model
+
+        model = load_model(
+            device=device, dtype=dtype, quantization="nf4" if quantize else None, verbose=False
+        )
+    if args.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quantize:  # the QLoRA recipe: norms in fp32, inputs require grad, checkpointing
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=args.gradient_checkpointing
+            )
+        elif args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=list(LLAMA_LINEAR_LAYERS),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+def _run_step(args: argparse.Namespace) -> dict:
+    """Load a model, run ``args.steps`` training steps under PeakMemory and return the numbers."""
+    started = time.perf_counter()
+    if args.gradient_checkpointing is None:  # the QLoRA recipe turns it on
+        args.gradient_checkpointing = args.method == "qlora"
+    device = env.pick_device(args.device)
+    env.seed_everything(0)
+    # touch the kernels, thread pool and optimizer code once on a toy, so their one-off buffers
+    # are part of the baseline and not of the model's bill
+    toy = torch.nn.Linear(64, 64, device=device)
+    toy_opt = torch.optim.AdamW(toy.parameters())
+    toy(torch.randn(8, 64, device=device)).sum().backward()
+    toy_opt.step()
+    del toy, toy_opt
+    gc.collect()
+    rss_before_load = _proc_status("VmRSS")
+
+    model = _prepare_model(args, device)
+    gc.collect()
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    weights = measure_model_bytes(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    vocab = config.get("vocab_size") or TINY_CONFIG["vocab_size"]
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), device=device)
+    gradients = 0
+    step_seconds = []
+    with PeakMemory(device) as peak:
+        for step in range(1, args.steps + 1):
+            step_started = time.perf_counter()
+            with peak.phase(f"step {step} forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with peak.phase(f"step {step} backward"):
+                loss.backward()
+            del loss
+            gradients = sum(p.grad.numel() * p.grad.element_size() for p in params)
+            with peak.phase(f"step {step} optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - step_started)
+
+    state_bytes = sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+    last_forward = peak.phases[f"step {args.steps} forward"]
+    peak_phase = max(peak.phases, key=lambda name: peak.phases[name]["peak"])
+    rss = None
+    if device.type == "cpu" and peak.rss_peak is not None and rss_before_load is not None:
+        rss = peak.rss_peak - rss_before_load
+    elif device.type == "cuda":
+        rss = peak.rss_peak
+    return {
+        "method": args.method,
+        "model": args.model,
+        "device": device.type,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "lora_r": args.lora_r,
+        "lora_dropout": args.lora_dropout,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "config": {key: config.get(key) for key in _CONFIG_KEYS},
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in params),
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": state_bytes,
+        "activations": last_forward["end"] - last_forward["start"],
+        "peak": weights + max(peak.peak, 0),
+        "peak_phase": peak_phase,
+        # live bytes above the model's own at the start, end and peak of each phase
+        "phases": peak.phases,
+        "rss": rss,
+        "step_seconds": step_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The parent side: subprocesses, the comparison, the table
+# --------------------------------------------------------------------------------------------
+
+
+def _check_method(method: object) -> str:
+    """Return ``method`` if it is one of METHODS, else raise."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    return method
+
+
+def _check_positive(value: object, name: str) -> int:
+    """Return ``value`` if it is a positive int, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}; e.g. {name}=4.")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}; e.g. {name}=4.")
+    return value
+
+
+@dataclass
+class _StepOptions:
+    """The knobs of one measured training step (validated once, turned into CLI arguments)."""
+
+    method: str
+    model: str = "smollm2"
+    batch: int = 4
+    seq_len: int = 128
+    steps: int = 2
+    dtype: str = "fp32"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        """Validate every field, and fill in the QLoRA default for gradient checkpointing."""
+        _check_method(self.method)
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}.")
+        for name in ("batch", "seq_len", "steps", "lora_r", "lora_alpha"):
+            _check_positive(getattr(self, name), name)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        dropout = self.lora_dropout
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.gradient_checkpointing is None:  # what prepare_model_for_kbit_training does
+            self.gradient_checkpointing = self.method == "qlora"
+
+    def argv(self) -> list[str]:
+        """The command line of the ``_step`` subcommand for these options."""
+        argv = [
+            self.method,
+            f"--model={self.model}",
+            f"--batch={self.batch}",
+            f"--seq-len={self.seq_len}",
+            f"--steps={self.steps}",
+            f"--dtype={self.dtype}",
+            f"--lora-r={self.lora_r}",
+            f"--lora-alpha={self.lora_alpha}",
+            f"--lora-dropout={self.lora_dropout}",
+            "--gradient-checkpointing" if self.gradient_checkpointing else "--no-checkpointing",
+        ]
+        if self.device is not None:
+            argv.append(f"--device={self.device}")
+        return argv
+
+
+def measure_training_step(
+    method: str,
+    *,
+    model: str = "smollm2",
+    batch: int = 4,
+    seq_len: int = 128,
+    steps: int = 2,
+    dtype: str = "fp32",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    gradient_checkpointing: bool | None = None,
+    device: str | None = None,
+    timeout: float = 600,
+) -> dict:
+    """Run ``steps`` real training steps of ``method`` in a fresh subprocess; return its numbers.
+
+    The dict holds the measured ``peak`` (bytes), its split into ``weights``, ``gradients``,
+    ``optimizer`` and ``activations``, the peak RSS growth ``rss``, the model's ``config`` and
+    timings. ``gradient_checkpointing=None`` means: on for QLoRA (as
+    ``prepare_model_for_kbit_training`` does), off otherwise.
+    """
+    options = _StepOptions(
+        method=method,
+        model=model,
+        batch=batch,
+        seq_len=seq_len,
+        steps=steps,
+        dtype=dtype,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device,
+    )
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    command = [sys.executable, "-m", "course_utils.bench", "_step", *options.argv()]
+    child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # glibc keeps freed blocks below its (self-raising) mmap threshold for re-use, so RSS would
+    # stay up after activations are freed; a fixed threshold hands big blocks back at once and
+    # makes the RSS column an independent upper bound of the allocator's count
+    child_env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    root = str(Path(__file__).resolve().parent.parent)  # importable without being installed
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    shown = "python " + " ".join(command[1:])
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=child_env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"the {method} training step took more than {timeout:g} s; pass a smaller batch or "
+            f"seq_len, or a larger timeout (the command was `{shown}`)."
+        ) from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(
+            f"the {method} training step failed (exit code {done.returncode}); run "
+            f"`{shown}` by hand to see why. Last lines:\n{tail}"
+        )
+    return json.loads(lines[-1][len(_RESULT_MARK) :])
+
+
+def _estimate_for(measured: dict) -> dict:
+    """The estimator's numbers for the setup a measurement ran with."""
+    config = {k: v for k, v in measured["config"].items() if v is not None}
+    est = estimate(
+        config,
+        method=measured["method"],
+        dtype=measured["dtype"],
+        batch=measured["batch"],
+        seq_len=measured["seq_len"],
+        optimizer="adamw",
+        lora_r=measured["lora_r"],
+        gradient_checkpointing=measured["gradient_checkpointing"],
+    )
+    return est.breakdown()
+
+
+def compare_memory(
+    methods: Sequence[str] = METHODS,
+    *,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    progress: bool = True,
+    **step_options,
+) -> list[dict]:
+    """Measure each method in its own subprocess and pair it with the estimator's numbers.
+
+    ``batch`` and ``seq_len`` default to 4 x 128 tokens (2 x 64 under COURSE_PROFILE=ci).
+    Each row has ``method``, ``estimated`` (bytes per part and total), ``measured`` (the dict
+    of :func:`measure_training_step`) and ``error`` (estimated total / measured peak - 1).
+    """
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
+        raise TypeError(f"methods must be a list such as {list(METHODS)}, got {methods!r}.")
+    for method in methods:
+        _check_method(method)
+    batch = env.by_profile(full=4, ci=2) if batch is None else batch
+    seq_len = env.by_profile(full=128, ci=64) if seq_len is None else seq_len
+    rows = []
+    for method in methods:
+        if progress:
+            print(f"[bench] {method}: {batch} x {seq_len} tokens in a fresh subprocess ...")
+        measured = measure_training_step(method, batch=batch, seq_len=seq_len, **step_options)
+        estimated = _estimate_for(measured)
+        rows.append(
+            {
+                "method": method,
+                "estimated": estimated,
+                "measured": measured,
+                "error": estimated["total"] / measured["peak"] - 1,
+            }
+        )
+        if progress:
+            print(
+                f"[bench] {method}: {measured['peak'] / MB:.0f} MB measured, "
+                f"{estimated['total'] / MB:.0f} MB estimated ({measured['seconds']:.0f} s)"
+            )
+    return rows
+
+
+def _peak_story(measured: dict) -> str:
+    """One line saying in which phase the peak fell and what it was made of, in MB."""
+    name = measured["peak_phase"]
+    phase = measured["phases"][name]
+    return (
+        f"{measured['method']}: peak in {name} = {measured['weights'] / MB:.1f} weights + "
+        f"{phase['start'] / MB:.1f} live when it began + "
+        f"{(phase['peak'] - phase['start']) / MB:.1f} added inside it"
+    )
+
+
+def format_memory_table(rows: Sequence[dict], tolerance: float = 0.10) -> str:
+    """The comparison as a text table in MB (MiB): estimated and measured, part by part.
+
+    A row whose total is off by more than ``tolerance`` (a fraction) is flagged with ``!``.
+    """
+    if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence) or not rows:
+        raise TypeError("rows must be the non-empty list that compare_memory() returns.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance <= 0:
+        raise ValueError(f"tolerance must be a positive fraction such as 0.1, got {tolerance!r}.")
+    parts = ("weights", "gradients", "optimizer", "activations")
+    header = (
+        f"{'method':<8}{'':<10}"
+        + "".join(f"{name:>12}" for name in parts)
+        + f"{'total':>10}{'RSS':>10}{'error':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    stories = []
+    for row in rows:
+        try:
+            est, meas, error = row["estimated"], row["measured"], row["error"]
+            method = row["method"]
+            measured_parts = [meas[name] / MB for name in parts]
+        except (KeyError, TypeError) as missing:
+            raise TypeError(
+                f"each row needs 'method', 'estimated', 'measured' and 'error' ({missing}); "
+                "pass what compare_memory() returns."
+            ) from None
+        lines.append(
+            f"{method:<8}{'estimated':<10}"
+            + "".join(f"{est[name] / MB:>12.1f}" for name in parts)
+            + f"{est['total'] / MB:>10.1f}"
+        )
+        rss = "" if meas.get("rss") is None else f"{meas['rss'] / MB:.1f}"
+        flag = " " if abs(error) <= tolerance else "!"
+        lines.append(
+            f"{'':<8}{'measured':<10}"
+            + "".join(f"{value:>12.1f}" for value in measured_parts)
+            + f"{meas['peak'] / MB:>10.1f}{rss:>10}{100 * error:>+8.1f}%{flag}"
+        )
+        if meas.get("phases") and meas.get("peak_phase") in meas["phases"]:
+            stories.append("  " + _peak_story(meas))
+    lines += [
+        "",
+        "measured total: peak bytes of live tensors (model + the most allocated at any instant);",
+        "measured activations: what the last forward pass left alive for the backward pass;",
+        (
+            "RSS: the GPU allocator's peak reserved bytes (not compared);"
+            if any(row["measured"].get("device") == "cuda" for row in rows)
+            else "RSS: growth of the process's peak resident memory since before loading "
+            "(not compared);"
+        ),
+        f"error: estimated total / measured total - 1 ('!' = beyond +-{100 * tolerance:.0f} %).",
+        "Where each peak fell (MB):",
+        *stories,
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _step_parser() -> argparse.ArgumentParser:
+    """Arguments of the internal ``_step`` subcommand (one measured run, JSON on stdout)."""
+    parser = argparse.ArgumentParser(prog="python -m course_utils.bench _step")
+    parser.add_argument("method", choices=METHODS)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--no-checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m course_utils.bench memory``: estimated vs measured training memory."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "_step":
+        result = _run_step(_step_parser().parse_args(argv[1:]))
+        print(_RESULT_MARK + json.dumps(result), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m course_utils.bench", description=main.__doc__)
+    parser.add_argument("what", choices=["memory"], help="what to benchmark")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--batch", type=int, default=None, help="default 4 (ci profile: 2)")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 128 (ci profile: 64)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--tolerance", type=float, default=0.10, help="flag errors beyond this")
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 if an error is beyond tolerance"
+    )
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    rows = compare_memory(
+        args.methods, batch=args.batch, seq_len=args.seq_len, lora_dropout=args.lora_dropout
+    )
+    first = rows[0]["measured"]
+    print()
+    print(
+        f"SmolLM2-135M, one training step after a warm-up step, {first['device']}, "
+        f"{first['dtype']}, batch {first['batch']} x {first['seq_len']} tokens, AdamW, "
+        f"LoRA r={first['lora_r']} (dropout {first['lora_dropout']}) on all linear layers, "
+        "QLoRA with gradient checkpointing"
+    )
+    print(format_memory_table(rows, args.tolerance))
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.check and any(abs(row["error"]) > args.tolerance for row in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
