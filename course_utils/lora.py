@@ -41,9 +41,13 @@ from torch import nn
 
 __all__ = [
     "LoRALinear",
+    "copy_lora_weights_to_peft",
     "count_trainable_parameters",
+    "first_step_update_norm",
     "inject_lora",
     "lora_parameter_count",
+    "lora_parameter_table",
+    "lora_scaling",
     "merge_lora",
     "unmerge_lora",
 ]
@@ -323,3 +327,143 @@ def _set_merged(model: nn.Module, merged: bool) -> list[str]:
                 layer.unmerge()
             changed.append(name)
     return changed
+
+
+# -----------------------------------------------------------------------------
+# Lesson 02 helpers: the scale factor, parameter tables, PEFT interop, first-step size.
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor in front of B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
+    r, alpha = _check_rank(r), _check_alpha(alpha)
+    return alpha / (math.sqrt(r) if _check_bool(use_rslora, "use_rslora") else r)
+
+
+def lora_parameter_table(
+    layers: dict[str, nn.Linear | tuple[int, int]], r: int
+) -> list[dict[str, object]]:
+    """One row per layer: d_out, d_in, full d_out*d_in, LoRA r*(d_in+d_out) and their ratio.
+
+    `layers` maps a name to an nn.Linear or to a (d_out, d_in) pair (the shape of its weight).
+    """
+    r = _check_rank(r)
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(
+            "layers must be a non-empty dict of name -> nn.Linear or (d_out, d_in); "
+            "e.g. {'q_proj': model.model.layers[0].self_attn.q_proj}."
+        )
+    rows = []
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Linear):
+            d_out, d_in = layer.out_features, layer.in_features
+        elif isinstance(layer, tuple) and len(layer) == 2:
+            d_out, d_in = layer
+        else:
+            raise TypeError(
+                f"layers[{name!r}] must be an nn.Linear or a (d_out, d_in) tuple "
+                f"(got {type(layer).__name__}); pass the weight's shape as a tuple."
+            )
+        lora = lora_parameter_count(d_out, d_in, r)
+        full = int(d_out) * int(d_in)
+        rows.append(
+            {
+                "layer": name,
+                "d_out": int(d_out),
+                "d_in": int(d_in),
+                "full": full,
+                "lora": lora,
+                "ratio": lora / full,
+            }
+        )
+    return rows
+
+
+def copy_lora_weights_to_peft(
+    model: nn.Module, peft_model: nn.Module, adapter_name: str = "default"
+) -> list[str]:
+    """Copy A and B of every LoRALinear into the same-named PEFT LoRA layer; return the names."""
+    from peft.tuners.lora import LoraLayer
+
+    ours = _lora_layers(_check_model(model))
+    if not ours:
+        raise ValueError(
+            "model has no LoRALinear layers; call inject_lora(model, target_modules, r, alpha) first."
+        )
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    theirs = {n: m for n, m in _check_model(base).named_modules() if isinstance(m, LoraLayer)}
+    missing = [n for n, _ in ours if n not in theirs]
+    if missing:
+        raise ValueError(
+            f"the PEFT model has no LoRA layer named {missing[0]!r}; build it from the same base "
+            "model with the same target_modules."
+        )
+    with torch.no_grad():
+        for name, layer in ours:
+            peft_layer = theirs[name]
+            if adapter_name not in peft_layer.lora_A:
+                raise ValueError(
+                    f"PEFT layer {name!r} has no adapter {adapter_name!r} "
+                    f"(it has {sorted(peft_layer.lora_A)}); pass adapter_name= one of those."
+                )
+            a, b = peft_layer.lora_A[adapter_name].weight, peft_layer.lora_B[adapter_name].weight
+            if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
+                raise ValueError(
+                    f"layer {name!r}: PEFT has r={a.shape[0]}, ours r={layer.r}; "
+                    "use the same r in LoraConfig and inject_lora."
+                )
+            if not math.isclose(peft_layer.scaling[adapter_name], layer.scaling):
+                raise ValueError(
+                    f"layer {name!r}: PEFT scales by {peft_layer.scaling[adapter_name]:g}, "
+                    f"ours by {layer.scaling:g}; use the same lora_alpha and use_rslora."
+                )
+            a.copy_(layer.lora_A)
+            b.copy_(layer.lora_B)
+    return [name for name, _ in ours]
+
+
+def first_step_update_norm(
+    r: int,
+    alpha: float,
+    use_rslora: bool = False,
+    *,
+    d_in: int = 576,
+    d_out: int = 576,
+    tokens: int = 64,
+    seed: int = 0,
+) -> float:
+    """||ΔW||_F / lr after one Adam step of a freshly initialised LoRALinear (B = 0).
+
+    The layer (d_out x d_in, SmolLM2's q_proj by default) has to learn a small rank-4 change of
+    its weight from `tokens` random inputs; the synthetic task and A's initialisation are fixed by
+    `seed`, so the number depends only on r, alpha and the scaling rule. Adam's first step moves
+    every entry of B by about lr, so the result does not depend on lr.
+    """
+    r, alpha = _check_rank(r), _check_alpha(alpha)
+    use_rslora = _check_bool(use_rslora, "use_rslora")
+    for name, value in (("d_in", d_in), ("d_out", d_out), ("tokens", tokens)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+            raise ValueError(
+                f"{name} must be a positive integer (got {value!r}); keep the default."
+            )
+    if r > min(d_in, d_out):
+        raise ValueError(
+            f"r={r} is larger than the layer allows (min(d_in, d_out) = {min(d_in, d_out)}); "
+            "pick a smaller r."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (got {seed!r}); try seed=0.")
+    lr = 1e-3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = nn.Linear(d_in, d_out, bias=False)
+        x = torch.randn(tokens, d_in)
+        target_change = 0.1 * (torch.randn(d_out, 4) @ torch.randn(4, d_in)) / math.sqrt(d_in)
+        with torch.no_grad():
+            y = base(x) + x @ target_change.T
+        torch.manual_seed(seed + 1)  # A's initialisation, the same stream for both rules
+        layer = LoRALinear(base, r=r, alpha=alpha, use_rslora=use_rslora)
+    optimizer = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=lr)
+    loss = (layer(x) - y).square().sum(dim=-1).mean()
+    loss.backward()
+    optimizer.step()
+    return float(torch.linalg.matrix_norm(layer.delta_weight().detach())) / lr

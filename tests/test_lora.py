@@ -12,9 +12,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from course_utils.lora import (
     LoRALinear,
+    copy_lora_weights_to_peft,
     count_trainable_parameters,
+    first_step_update_norm,
     inject_lora,
     lora_parameter_count,
+    lora_parameter_table,
+    lora_scaling,
     merge_lora,
     unmerge_lora,
 )
@@ -354,3 +358,107 @@ def test_model_level_helpers_reject_bad_models():
         merge_lora(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="call inject_lora"):
         unmerge_lora(nn.Sequential(nn.Linear(4, 4)))
+
+
+# -----------------------------------------------------------------------------
+# Lesson 02 helpers: scaling, parameter table, PEFT interop, first-step update norm
+
+
+@pytest.mark.parametrize(
+    ("r", "alpha", "use_rslora"), [(8, 16, False), (16, 32, True), (1, 1, False)]
+)
+def test_lora_scaling_matches_the_layer(r, alpha, use_rslora):
+    layer = LoRALinear(nn.Linear(32, 32), r=r, alpha=alpha, use_rslora=use_rslora)
+    assert lora_scaling(r, alpha, use_rslora) == layer.scaling
+    assert lora_scaling(r, alpha, use_rslora) == (alpha / math.sqrt(r) if use_rslora else alpha / r)
+
+
+def test_lora_scaling_rejects_bad_values():
+    with pytest.raises(ValueError, match="try r=8"):
+        lora_scaling(0, 16)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        lora_scaling(8, -1)
+    with pytest.raises(TypeError, match="use_rslora must be True or False"):
+        lora_scaling(8, 16, "yes")
+
+
+def test_lora_parameter_table_from_modules_and_shapes(base_model):
+    attention = base_model.model.layers[0].self_attn
+    rows = lora_parameter_table({"q_proj": attention.q_proj, "up": (128, 64)}, r=4)
+    assert rows[0] == {
+        "layer": "q_proj",
+        "d_out": 64,
+        "d_in": 64,
+        "full": 64 * 64,
+        "lora": 4 * (64 + 64),
+        "ratio": 4 * 128 / 4096,
+    }
+    assert rows[1]["lora"] == lora_parameter_count(128, 64, 4) == 4 * 192
+    assert rows[1]["full"] == 128 * 64
+    with pytest.raises(ValueError, match="non-empty dict"):
+        lora_parameter_table({}, r=4)
+    with pytest.raises(TypeError, match=r"\(d_out, d_in\) tuple"):
+        lora_parameter_table({"x": [4, 4]}, r=4)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_copy_lora_weights_to_peft_gives_identical_logits(base_model, input_ids, use_rslora):
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=use_rslora)
+    peft_model = get_peft_model(copy.deepcopy(base_model), config).eval()
+    ours = copy.deepcopy(base_model)
+    names = inject_lora(ours, TARGETS, r=R, alpha=ALPHA, use_rslora=use_rslora)
+    randomize_lora(ours)
+    assert copy_lora_weights_to_peft(ours, peft_model) == names
+    got, expected = logits(ours, input_ids), logits(peft_model, input_ids)
+    assert (got - logits(base_model, input_ids)).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_copy_lora_weights_to_peft_rejects_mismatches(base_model):
+    ours = copy.deepcopy(base_model)
+    inject_lora(ours, TARGETS, r=R, alpha=ALPHA)
+    other_alpha = get_peft_model(
+        copy.deepcopy(base_model), LoraConfig(r=R, lora_alpha=2 * ALPHA, target_modules=TARGETS)
+    )
+    with pytest.raises(ValueError, match="same lora_alpha"):
+        copy_lora_weights_to_peft(ours, other_alpha)
+    other_r = get_peft_model(
+        copy.deepcopy(base_model), LoraConfig(r=2 * R, lora_alpha=ALPHA, target_modules=TARGETS)
+    )
+    with pytest.raises(ValueError, match="same r"):
+        copy_lora_weights_to_peft(ours, other_r)
+    only_q = get_peft_model(
+        copy.deepcopy(base_model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"])
+    )
+    with pytest.raises(ValueError, match="same target_modules"):
+        copy_lora_weights_to_peft(ours, only_q)
+    with pytest.raises(ValueError, match="call inject_lora"):
+        copy_lora_weights_to_peft(copy.deepcopy(base_model), only_q)
+
+
+def test_first_step_update_norm_follows_the_scaling_rule():
+    plain = {r: first_step_update_norm(r, 16) for r in (1, 4, 16, 64)}
+    rs = {r: first_step_update_norm(r, 16, use_rslora=True) for r in (1, 4, 16, 64)}
+    assert plain[1] == rs[1]  # sqrt(1) == 1: the two rules agree at r = 1
+    # With Adam, ||ΔW|| ~ scale * sqrt(r): alpha / r shrinks like 1 / sqrt(r), rsLoRA stays put.
+    for small, big in ((1, 4), (4, 16), (16, 64)):
+        assert plain[small] / plain[big] == pytest.approx(2.0, rel=0.2)
+        assert rs[big] / rs[small] == pytest.approx(1.0, rel=0.1)
+    # Doubling alpha doubles the update (B's first Adam step does not depend on the scale).
+    assert first_step_update_norm(8, 32) / first_step_update_norm(8, 16) == pytest.approx(2.0)
+
+
+def test_first_step_update_norm_is_deterministic_and_keeps_global_rng():
+    state = torch.get_rng_state()
+    assert first_step_update_norm(8, 16) == first_step_update_norm(8, 16)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first_step_update_norm(8, 16, seed=1) != first_step_update_norm(8, 16, seed=0)
+
+
+def test_first_step_update_norm_rejects_bad_values():
+    with pytest.raises(ValueError, match="try r=8"):
+        first_step_update_norm(0, 16)
+    with pytest.raises(ValueError, match="larger than the layer allows"):
+        first_step_update_norm(20, 16, d_in=16, d_out=32)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        first_step_update_norm(8, 0)
