@@ -39,6 +39,8 @@ QUIET_LAB = {  # no news feed, no update check (the machine is offline), never s
         "checkForUpdates": False,
     },
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
+    # Render every cell: with windowing, cells out of view have no text to read.
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
 
 
@@ -155,30 +157,52 @@ def run_all_cells(page, timeout_s: float = 900) -> None:
     assert page.evaluate("window.__courseDone") is True, "a cell failed:\n" + "\n".join(tracebacks)
 
 
-def slider(page, description: str):
-    """Return the slider widget whose label reads `description`."""
-    widget = page.locator(".widget-slider", has=page.locator(".widget-label", has_text=description))
-    widget.first.wait_for(state="visible", timeout=60_000)
-    return widget.first
+def slider(page, description: str, index: int = 0):
+    """Return the `index`-th slider widget (in page order) whose label reads `description`."""
+    widget = page.locator(
+        ".widget-slider", has=page.locator(".widget-label", has_text=description)
+    ).nth(index)
+    widget.wait_for(state="visible", timeout=60_000)
+    return widget
 
 
-def press_slider(page, description: str, key: str, times: int = 1) -> None:
+def press_slider(page, description: str, key: str, times: int = 1, index: int = 0) -> None:
     """Focus a slider's handle and press `key` (ArrowRight, ArrowLeft, ...) `times` times."""
-    handle = slider(page, description).locator(".noUi-handle")
+    handle = slider(page, description, index).locator(".noUi-handle")
+    handle.scroll_into_view_if_needed()
     handle.focus()
     for _ in range(times):
         handle.press(key)
 
 
-def slider_value(page, description: str) -> str:
+def slider_value(page, description: str, index: int = 0) -> str:
     """Return the value a slider shows in its readout."""
-    return slider(page, description).locator(".widget-readout").inner_text().strip()
+    return slider(page, description, index).locator(".widget-readout").inner_text().strip()
+
+
+def kernel_print(page, code: str, timeout_s: float = 120) -> str:
+    """Run `code` in the open notebook's kernel (not as a cell) and return what it printed."""
+    return page.evaluate(
+        """async (code) => {
+            const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+            let printed = '';
+            const future = kernel.requestExecute({code: code, store_history: false});
+            future.onIOPub = (msg) => {
+                if (msg.header.msg_type === 'stream') { printed += msg.content.text; }
+                if (msg.header.msg_type === 'error') { printed += msg.content.evalue; }
+            };
+            await future.done;
+            return printed;
+        }""",
+        code,
+    ).strip()
 
 
 def widget_text(page, css_class: str, expected: str | None = None, timeout_s: float = 60) -> str:
     """Return the text of the widget with `css_class`, once it equals `expected` if given."""
     locator = page.locator(f".{css_class}").first
     locator.wait_for(state="visible", timeout=timeout_s * 1000)
+    locator.scroll_into_view_if_needed()
     deadline = time.monotonic() + timeout_s
     text = locator.inner_text().strip()
     while expected is not None and text != expected and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ import pytest
 from browser import (
     chromium_page,
     jupyterlab,
+    kernel_print,
     open_notebook,
     press_slider,
     run_all_cells,
@@ -36,3 +37,35 @@ def test_memory_calculator_follows_the_batch_slider(lab):
     assert moved != start
     assert widget_text(page, "course-memory-stats", moved) == moved
     screenshot(page, "03_memory_calculator")
+
+
+def test_rank_and_alpha_explorers_follow_their_sliders(lab):
+    url, page = lab
+    open_notebook(page, url, "notebooks/02_lora_math.ipynb")
+    run_all_cells(page)
+
+    def computed_rank_text(r: int) -> str:
+        """The text the function behind the widget gives for rank r on the notebook's real ΔW."""
+        return kernel_print(page, f"print(format_rank_stats(rank_stats(delta_q, {r})))")
+
+    start = computed_rank_text(8)
+    assert start.startswith("rank r = 8 · reconstruction error = ")
+    assert widget_text(page, "course-rank-stats", start) == start
+    press_slider(page, "rank r", "ArrowRight", times=4, index=0)
+    assert slider_value(page, "rank r", index=0) == "12"
+    moved = computed_rank_text(12)
+    assert moved != start
+    assert widget_text(page, "course-rank-stats", moved) == moved
+    screenshot(page, "02_rank_explorer")
+
+    start = widgets.format_alpha_stats(widgets.alpha_stats(8, 16))
+    assert widget_text(page, "course-alpha-stats", start) == start
+    press_slider(page, "alpha α", "ArrowRight", times=16)
+    assert slider_value(page, "alpha α") == "32"
+    moved = widgets.format_alpha_stats(widgets.alpha_stats(8, 32))
+    assert widget_text(page, "course-alpha-stats", moved) == moved
+    page.locator(".widget-checkbox", has_text="rsLoRA").locator("input").check()
+    rslora = widgets.format_alpha_stats(widgets.alpha_stats(8, 32, rslora=True))
+    assert rslora != moved
+    assert widget_text(page, "course-alpha-stats", rslora) == rslora
+    screenshot(page, "02_alpha_explorer")
