@@ -1,0 +1,129 @@
+"""The graded exercises: masters pass nbgrader's checks, student versions are stubs and in sync.
+
+`solutions/<assignment>/<notebook>.ipynb` are nbgrader master notebooks; `exercises/` is generated
+from them by `python -m course_utils.grading generate` and must never be edited by hand.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_utils import grading
+
+ROOT = Path(__file__).resolve().parent.parent
+MASTERS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
+STUDENT_VERSIONS = sorted((ROOT / "exercises").glob("*/*.ipynb"))
+DIFFICULTY = re.compile(r"^## Exercise \d+ (🐢|🐕|🦁) — .+ \((\d+) points?\)$", re.MULTILINE)
+INSTALL_CELL = nbformat.read(ROOT / "notebooks" / "00_start_here.ipynb", as_version=4).cells[1]
+
+
+def _ids(paths):
+    return [p.relative_to(ROOT).as_posix() for p in paths]
+
+
+def _nbgrader(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+def test_the_first_two_assignments_exist_with_their_student_versions():
+    assignments = {p.parent.name for p in MASTERS}
+    assert {"02_lora_math", "03_quantization"} <= assignments
+    assert [p.relative_to(ROOT / "exercises") for p in STUDENT_VERSIONS] == [
+        p.relative_to(ROOT / "solutions") for p in MASTERS
+    ]
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=_ids(MASTERS))
+def test_master_notebook_is_well_formed(path):
+    notebook = nbformat.read(path, as_version=4)
+    cells = notebook.cells
+    assert [c.id for c in cells] == [f"cell-{i:02d}" for i in range(len(cells))]
+    assert all(c.get("outputs", []) == [] for c in cells if c.cell_type == "code")
+    assert cells[1].source == INSTALL_CELL.source, "copy the Colab install cell of notebook 00"
+    grade_ids = [_nbgrader(c)["grade_id"] for c in cells if _nbgrader(c)]
+    assert len(grade_ids) == len(set(grade_ids)), "every nbgrader cell needs its own grade_id"
+
+    headings = [m for c in cells if c.cell_type == "markdown" for m in DIFFICULTY.findall(c.source)]
+    tests = [c for c in cells if _nbgrader(c).get("grade")]
+    solutions = [c for c in cells if _nbgrader(c).get("solution")]
+    assert len(headings) == len(tests) == len(solutions) >= 3, "one heading, answer and test each"
+    assert {level for level, _ in headings} == {"🐢", "🐕", "🦁"}
+    for (_, points), test in zip(headings, tests, strict=True):
+        meta = _nbgrader(test)
+        assert meta["locked"] and meta["points"] == int(points), (test.id, meta)
+        assert "### BEGIN HIDDEN TESTS" in test.source and "### END HIDDEN TESTS" in test.source
+        visible = test.source.split("### BEGIN HIDDEN TESTS")[0]
+        assert "assert" in visible or "AssertionError" in visible
+        assert "Hint:" in visible, f"{test.id}: a failing test must say what to try"
+        # The tests compare with the course package, not with numbers copied from the solution.
+        assert re.search(r"course_utils|quant\.|memory\.", visible), test.id
+    for cell in solutions:
+        assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
+    assert "assert" in [c for c in cells if c.cell_type == "code"][-1].source
+
+
+@pytest.mark.parametrize("path", STUDENT_VERSIONS, ids=_ids(STUDENT_VERSIONS))
+def test_student_version_holds_no_solution_and_no_hidden_test(path):
+    text = path.read_text()
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+        assert marker not in text
+    notebook = nbformat.read(path, as_version=4)
+    stubs = [c for c in notebook.cells if _nbgrader(c).get("solution")]
+    assert stubs and all("raise NotImplementedError()" in c.source for c in stubs)
+
+
+def test_exercises_are_in_sync_with_solutions():
+    assert grading.check_exercises() == [], "run: python -m course_utils.grading generate"
+
+
+def test_the_sync_check_catches_a_hand_edit(tmp_path):
+    edited = tmp_path / "exercises"
+    shutil.copytree(ROOT / "exercises", edited)
+    target = sorted(edited.glob("*/*.ipynb"))[0]
+    notebook = json.loads(target.read_text())
+    notebook["cells"][0]["source"] = "edited by hand"
+    target.write_text(json.dumps(notebook))
+    (edited / "02_lora_math" / "notes.txt").write_text("stray")
+    problems = grading.check_exercises(ROOT / "solutions", edited)
+    assert any("differs from its generated version" in p for p in problems), problems
+    assert any("notes.txt is not generated" in p for p in problems), problems
+
+
+def test_generate_points_the_badge_at_the_student_version(tmp_path):
+    [path] = [
+        p for p in grading.generate_exercises(ROOT / "solutions", tmp_path) if "02_" in p.name
+    ]
+    first = nbformat.read(path, as_version=4).cells[0].source
+    assert "/blob/main/exercises/02_lora_math/02_lora_math_exercises.ipynb" in first
+    assert "/solutions/" not in first
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=_ids(MASTERS))
+def test_master_passes_nbgrader_validate(path):
+    assert grading.validate_notebook(path) == []
+
+
+@pytest.mark.parametrize("path", STUDENT_VERSIONS, ids=_ids(STUDENT_VERSIONS))
+def test_student_version_fails_nbgrader_validate_invert(path):
+    """Every test cell fails on the stubs: no exercise is handed out already solved."""
+    assert grading.validate_notebook(path, invert=True) == []
+
+
+def test_validate_invert_catches_a_solved_notebook():
+    problems = grading.validate_notebook(MASTERS[0], invert=True)
+    assert problems and all("passes although" in p for p in problems)
+
+
+def test_list_exercises_reads_points_from_the_masters():
+    exercises = grading.list_exercises()
+    by_assignment = {}
+    for exercise in exercises:
+        by_assignment.setdefault(exercise.assignment, []).append(exercise)
+    assert sum(e.points for e in by_assignment["02_lora_math"]) == 10
+    assert sum(e.points for e in by_assignment["03_quantization"]) == 10
+    with pytest.raises(ValueError, match="not a folder"):
+        grading.list_exercises(ROOT / "no_such_folder")
