@@ -59,7 +59,7 @@ lint: setup
 	$(BIN)/ruff format --check course_utils tests notebooks solutions
 
 test: model browser lint
-	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks \
+	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks solutions \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) $(PYTEST_ARGS)
 
 timings: model
