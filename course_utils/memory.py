@@ -279,10 +279,19 @@ class MemoryEstimate:
     dtype: str
     notes: list[str] = field(default_factory=list)
 
+    #: Short-lived copies made while the step runs (AdamW's per-tensor scratch, the tied
+    #: embedding's gradient being summed): two copies of the largest trainable tensor.
+    temporaries: int = 0
+
     @property
     def total(self) -> int:
-        """All four parts together."""
-        return self.weights + self.gradients + self.optimizer + self.activations
+        """The peak: weights and optimizer states plus the larger of activations and gradients.
+
+        The backward pass frees the saved activations layer by layer while it writes the
+        gradients, so the two never peak together (measured: python -m course_utils.bench memory).
+        """
+        extra = max(self.activations, self.gradients + self.temporaries)
+        return self.weights + self.optimizer + extra
 
     def breakdown(self) -> dict[str, int]:
         """Bytes per part, plus the total."""
@@ -332,9 +341,12 @@ def _activation_bytes(
     RMSNorms (4 x hidden), q, k and v before and after the rotary embedding and the attention
     output (3 x q_dim + 3 x kv_dim), and in the MLP gate, up, SiLU(gate) and their product
     (4 x intermediate). Eager attention also keeps the scores and the softmax
-    (2 x heads x seq_len per token); SDPA/flash attention does not. The logits are kept in
-    the compute dtype and once more in fp32 for the loss. With gradient checkpointing only
-    each layer's input (hidden) is kept, plus one layer's activations while it is recomputed.
+    (2 x heads x seq_len per token); SDPA/flash attention does not. The loss keeps the fp32
+    log-probabilities (4 bytes per token and vocabulary entry), and the first two steps of the
+    backward pass add their gradient and the logits' gradient, both fp32: 12 bytes at the peak,
+    whatever the compute dtype (transformers upcasts the logits for the loss). With gradient
+    checkpointing only each layer's input (hidden) is kept, plus one layer's activations while
+    it is recomputed.
     """
     tokens = batch * seq_len
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -348,7 +360,7 @@ def _activation_bytes(
         values = tokens * (layers * h + per_layer)
     else:
         values = tokens * layers * per_layer
-    logits = tokens * cfg["vocab_size"] * (dtype_bytes + 4)
+    logits = tokens * cfg["vocab_size"] * 12
     return values * dtype_bytes + logits
 
 
@@ -435,6 +447,12 @@ def estimate(
         gradients = trainable * a_bytes
         optimizer_bytes = trainable * opt_bytes
 
+    if method == "full" and cfg is not None:
+        h = cfg["hidden_size"]
+        largest = max(cfg["vocab_size"] * h, cfg["intermediate_size"] * h)
+        temporaries = 2 * largest * w_bytes
+    else:  # LoRA adapters are tiny; a bare parameter count gives no shapes
+        temporaries = 0
     if cfg is None:
         activations = 0
     else:
@@ -451,6 +469,7 @@ def estimate(
         method=method,
         dtype=dtype,
         notes=notes,
+        temporaries=temporaries,
     )
 
 
