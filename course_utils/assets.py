@@ -38,6 +38,7 @@ CACHE_VARIABLE = "COURSE_CACHE"
 SOURCES = ("auto", "hub", "offline")
 QUANTIZATIONS = (None, "nf4")
 MANIFEST = "course_manifest.json"
+CACHE_FORMAT = 2  # bump when the conversion changes, so older caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,12 @@ def cache_problem(folder: Path) -> str | None:
     if not manifest.is_file():
         return "no manifest (the conversion did not finish)"
     try:
-        expected = json.loads(manifest.read_text())["files"]
+        content = json.loads(manifest.read_text())
+        expected = content["files"]
     except (ValueError, KeyError, TypeError):
         return "the manifest is unreadable"
+    if content.get("format") != CACHE_FORMAT:
+        return f"it was made by an older version of course_utils (format {content.get('format')})"
     for filename, digest in expected.items():
         path = folder / filename
         if not path.is_file():
@@ -166,6 +170,7 @@ def convert_offline_copy(name: str = DEFAULT_MODEL) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=spec.gguf_file, dtype=torch.float32
     )
+    align_special_tokens(tokenizer, model.generation_config)
     # The weights are plain fp32 now: forget the GGUF quantizer so the copy loads as a normal model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -176,13 +181,36 @@ def convert_offline_copy(name: str = DEFAULT_MODEL) -> Path:
         tokenizer.save_pretrained(staging)
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(
-            json.dumps({"source": f"{spec.offline_pip}:{spec.gguf_file}", "files": files}, indent=1)
+            json.dumps(
+                {
+                    "format": CACHE_FORMAT,
+                    "source": f"{spec.offline_pip}:{spec.gguf_file}",
+                    "files": files,
+                },
+                indent=1,
+            )
         )
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # atomic on one file system: no half-written cache is ever visible
     print(f"[course_utils] cached at {target} in {time.perf_counter() - started:.0f} s")
     return target
+
+
+def align_special_tokens(tokenizer, generation_config) -> None:
+    """Give the tokenizer the end and padding tokens the model generates with.
+
+    The GGUF file names <|im_start|> as its end-of-sequence token, while the model (and the hub
+    tokenizer) end a turn with <|im_end|>; code that appends `tokenizer.eos_token` needs the latter.
+    """
+    eos_id = generation_config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if eos_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    pad_id = generation_config.pad_token_id
+    tokenizer.pad_token = (
+        tokenizer.convert_ids_to_tokens(pad_id) if pad_id is not None else tokenizer.eos_token
+    )
 
 
 def prepare_offline_copy(name: str = DEFAULT_MODEL) -> Path:
@@ -192,7 +220,7 @@ def prepare_offline_copy(name: str = DEFAULT_MODEL) -> Path:
         problem = cache_problem(folder)
         if problem is None:
             return folder
-        print(f"[course_utils] the cached copy at {folder} is damaged ({problem}); rebuilding it.")
+        print(f"[course_utils] the cached copy at {folder} cannot be used ({problem}); rebuilding it.")
     return convert_offline_copy(name)
 
 

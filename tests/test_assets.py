@@ -108,7 +108,7 @@ def test_convert_once_then_load_from_the_cache(empty_cache, monkeypatch, capsys)
     assert "does not match its checksum" in assets.cache_problem(folder)
     capsys.readouterr()
     rebuilt = assets.load_model(source="offline")
-    assert "is damaged (model.safetensors does not match its checksum); rebuilding" in (
+    assert "cannot be used (model.safetensors does not match its checksum); rebuilding" in (
         capsys.readouterr().out
     )
     assert assets.cache_problem(folder) is None
@@ -124,10 +124,18 @@ def test_cache_problems_are_named(tmp_path):
     assert "unreadable" in assets.cache_problem(folder)
     (folder / "config.json").write_text("{}")
     (folder / assets.MANIFEST).write_text(
-        json.dumps({"files": {"config.json": "0" * 64, "model.safetensors": "0" * 64}})
+        json.dumps(
+            {
+                "format": assets.CACHE_FORMAT,
+                "files": {"config.json": "0" * 64, "model.safetensors": "0" * 64},
+            }
+        )
     )
     assert "config.json does not match" in assets.cache_problem(folder)
-    (folder / assets.MANIFEST).write_text(json.dumps({"files": {"model.safetensors": "0"}}))
+    (folder / assets.MANIFEST).write_text(json.dumps({"files": {}}))
+    assert "older version of course_utils" in assets.cache_problem(folder)
+    manifest = {"format": assets.CACHE_FORMAT, "files": {"model.safetensors": "0"}}
+    (folder / assets.MANIFEST).write_text(json.dumps(manifest))
     assert "model.safetensors is missing" in assets.cache_problem(folder)
 
 
@@ -156,6 +164,9 @@ def test_offline_model_answers_a_factual_question(model, tokenizer):
     answer = chat(model, tokenizer, "What is the capital of France?", max_new_tokens=20)
     assert "Paris" in answer, answer
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    # The end of a turn, as the hub tokenizer and the model's generation config have it.
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    assert tokenizer.eos_token_id == model.generation_config.eos_token_id
 
 
 def test_nf4_model_is_4bit_and_still_answers(tokenizer, model):
