@@ -220,7 +220,9 @@ def prepare_offline_copy(name: str = DEFAULT_MODEL) -> Path:
         problem = cache_problem(folder)
         if problem is None:
             return folder
-        print(f"[course_utils] the cached copy at {folder} cannot be used ({problem}); rebuilding it.")
+        print(
+            f"[course_utils] the cached copy at {folder} cannot be used ({problem}); rebuilding it."
+        )
     return convert_offline_copy(name)
 
 
