@@ -283,11 +283,23 @@ def _config(
     return c
 
 
+def _with_own_scripts_on_path() -> None:
+    """Put this Python's scripts folder on PATH: nbgrader runs `alembic` from there.
+
+    Without it, `python -m course_utils.grading` from a virtual environment that is not
+    activated (as `make` runs it) fails with "No such file or directory: 'alembic'".
+    """
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
 def _run_app(app_class, config, assignment: str, student: str | None = None) -> dict:
     """Run one nbgrader converter; return {"success", "log", "error"}."""
     from nbgrader.coursedir import CourseDirectory
     from nbgrader.utils import capture_log
 
+    _with_own_scripts_on_path()
     config.CourseDirectory.assignment_id = assignment
     if student is not None:
         config.CourseDirectory.student_id = student
