@@ -1,11 +1,19 @@
 """Companion package of the course "Fine-tuning LLMs, from ΔW ≈ AB to QLoRA".
 
-One module per idea, each read by the lesson of the same name:
+One module per idea, each read by the lesson that teaches it:
 
-- ``env``        device, dtype, profile (ci/full), seeding, environment report
-- ``assets``     the course model (SmolLM2-135M-Instruct), online or from the offline copy
-- ``generation`` chat-style generation, one prompt or a batch
-- ``course_map`` the lessons, what each teaches and how long it took on real machines
+- ``env``        device, dtype, profile (ci/full), seeding, environment report       (00)
+- ``assets``     the course model (SmolLM2-135M-Instruct), online or from the offline copy (00)
+- ``generation`` chat-style generation, one prompt or a left-padded batch            (00)
+- ``course_map`` the lessons, what each teaches and how long it took on real machines (00)
+- ``memory``     training-memory estimator: weights, gradients, optimizer, activations (01, 03)
+- ``lora``       LoRA from scratch (LoRALinear, inject_lora), checked against PEFT      (02)
+- ``spectrum``   SVD, Eckart–Young, and the spectrum of a real fine-tuning update ΔW   (02)
+- ``quant``      absmax, zero-point, blockwise, NF4, double quant, Q4_1 from scratch    (03)
+- ``widgets``    the rank/alpha explorers and the memory calculator                     (02, 03)
+- ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (04)
+- ``bench``      the memory estimator measured against real training steps (`make bench`)
+- ``grading``    nbgrader exercises and batch grading (`make exercises`, `make grade`)
 """
 
 __version__ = "0.1.0"
