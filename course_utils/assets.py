@@ -287,6 +287,18 @@ def _check_load_args(device, dtype, quantization) -> tuple[torch.device, torch.d
     return device, dtype
 
 
+def nf4_config(compute_dtype: torch.dtype):
+    """Return the QLoRA recipe: 4-bit NF4 weights, double quantization, compute in `dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, *, source: str = "auto"):
     """Return the course model's tokenizer (with its chat template), from the same source."""
     from transformers import AutoTokenizer
@@ -319,14 +331,7 @@ def load_model(
     location, kind, description = resolve_source(name, source)
     options: dict = {"dtype": dtype}
     if quantization == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        options["quantization_config"] = nf4_config(dtype)
         options["device_map"] = {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(location, **options)
     if quantization is None:

@@ -258,14 +258,9 @@ def _tiny_model(dtype: torch.dtype, device: torch.device, quantize: bool):
         LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).save_pretrained(folder)
         options: dict = {"dtype": dtype}
         if quantize:
-            from transformers import BitsAndBytesConfig
+            from course_utils.assets import nf4_config
 
-            options["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
+            options["quantization_config"] = nf4_config(dtype)
             options["device_map"] = {"": str(device)}
         model = AutoModelForCausalLM.from_pretrained(folder, **options)
         # unquantized weights may be memory-mapped from the folder about to go: own them
