@@ -473,6 +473,17 @@ def estimate(
     )
 
 
+def _gpu_gb(gpu: str | float) -> float:
+    """Return a GPU's memory in GB from a name in GPUS or a positive number, else raise."""
+    if isinstance(gpu, str):
+        if gpu not in GPUS:
+            raise ValueError(f"unknown GPU {gpu!r}; use one of {list(GPUS)} or a size in GB.")
+        return GPUS[gpu]
+    if isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and gpu > 0:
+        return gpu
+    raise TypeError(f"gpu must be a name from GPUS or a positive number of GB, got {gpu!r}.")
+
+
 def fits(estimate: MemoryEstimate | int, gpu: str | float, usable_fraction: float = 0.9) -> bool:
     """Whether the estimate fits in ``usable_fraction`` of a GPU's memory (name in GPUS or GB).
 
@@ -484,14 +495,7 @@ def fits(estimate: MemoryEstimate | int, gpu: str | float, usable_fraction: floa
         needed = estimate
     else:
         raise TypeError("estimate must be a MemoryEstimate or a number of bytes; call estimate().")
-    if isinstance(gpu, str):
-        if gpu not in GPUS:
-            raise ValueError(f"unknown GPU {gpu!r}; use one of {list(GPUS)} or a size in GB.")
-        gpu_gb = GPUS[gpu]
-    elif isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and gpu > 0:
-        gpu_gb = gpu
-    else:
-        raise TypeError(f"gpu must be a name from GPUS or a positive number of GB, got {gpu!r}.")
+    gpu_gb = _gpu_gb(gpu)
     if not 0 < usable_fraction <= 1:
         raise ValueError(f"usable_fraction must be in (0, 1], got {usable_fraction}; e.g. 0.9.")
     return needed <= gpu_gb * GB * usable_fraction
@@ -612,14 +616,7 @@ def gpus_needed(est: MemoryEstimate, gpu: str | float, usable_fraction: float = 
     gradients and optimizer states) and ignores the communication buffers that sharding adds.
     """
     est = _check_estimate(est)
-    if isinstance(gpu, str):
-        if gpu not in GPUS:
-            raise ValueError(f"unknown GPU {gpu!r}; use one of {list(GPUS)} or a size in GB.")
-        gpu_gb = GPUS[gpu]
-    elif isinstance(gpu, (int, float)) and not isinstance(gpu, bool) and gpu > 0:
-        gpu_gb = gpu
-    else:
-        raise TypeError(f"gpu must be a name from GPUS or a positive number of GB, got {gpu!r}.")
+    gpu_gb = _gpu_gb(gpu)
     if isinstance(usable_fraction, bool) or not isinstance(usable_fraction, (int, float)):
         raise TypeError(f"usable_fraction must be a number in (0, 1], got {usable_fraction!r}.")
     if not 0 < usable_fraction <= 1:
