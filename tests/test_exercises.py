@@ -29,9 +29,12 @@ def _nbgrader(cell) -> dict:
     return cell.metadata.get("nbgrader", {})
 
 
-def test_the_first_two_assignments_exist_with_their_student_versions():
+ASSIGNMENTS = ("01_why_finetune", "02_lora_math", "03_quantization", "04_data_preparation")
+
+
+def test_the_assignments_exist_with_their_student_versions():
     assignments = {p.parent.name for p in MASTERS}
-    assert {"02_lora_math", "03_quantization"} <= assignments
+    assert set(ASSIGNMENTS) <= assignments
     assert [p.relative_to(ROOT / "exercises") for p in STUDENT_VERSIONS] == [
         p.relative_to(ROOT / "solutions") for p in MASTERS
     ]
@@ -123,7 +126,7 @@ def test_list_exercises_reads_points_from_the_masters():
     by_assignment = {}
     for exercise in exercises:
         by_assignment.setdefault(exercise.assignment, []).append(exercise)
-    assert sum(e.points for e in by_assignment["02_lora_math"]) == 10
-    assert sum(e.points for e in by_assignment["03_quantization"]) == 10
+    for assignment in ASSIGNMENTS:
+        assert sum(e.points for e in by_assignment[assignment]) == 10, assignment
     with pytest.raises(ValueError, match="not a folder"):
         grading.list_exercises(ROOT / "no_such_folder")

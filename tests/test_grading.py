@@ -25,6 +25,8 @@ from course_utils import grading
 ROOT = Path(__file__).resolve().parent.parent
 LORA = "02_lora_math/02_lora_math_exercises.ipynb"
 QUANT = "03_quantization/03_quantization_exercises.ipynb"
+WHY = "01_why_finetune/01_why_finetune_exercises.ipynb"
+DATA = "04_data_preparation/04_data_preparation_exercises.ipynb"
 CELL_TIMEOUT = 10
 
 
@@ -249,6 +251,29 @@ def test_a_notebook_that_ignores_interrupts_is_killed_with_its_kernel(tmp_path):
         if "mule__02_lora_math" in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == [], "the stubborn kernel must be killed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the grading kernel runs with HOME in a scratch folder, so it misses the course model "
+    "cache (~/.cache/course_utils) and converts the GGUF model again, past the cell timeout; "
+    "fix: pass COURSE_CACHE (and the hub cache) of the instructor into the worker's env",
+)
+def test_solved_lesson_01_and_04_exercises_score_full_marks(tmp_path):
+    """The two newer assignments grade like the others; 04 loads the course tokenizer offline."""
+    submissions = tmp_path / "submissions"
+    for relative in (WHY, DATA):
+        model = dict.fromkeys(_answers(ROOT / "solutions" / relative), "SOLVED")
+        target = submissions / "dana" / Path(relative).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        notebook = _submission(ROOT / "exercises" / relative, ROOT / "solutions" / relative, model)
+        nbformat.write(notebook, target)
+    rows = grading.grade_submissions(submissions, tmp_path / "out", jobs=2)
+    totals = {}
+    for row in rows:
+        totals[row.assignment] = totals.get(row.assignment, 0) + row.score
+        assert row.status == "passed", row
+    assert totals == {"01_why_finetune": 10, "04_data_preparation": 10}
 
 
 # ------------------------------------------------------------------------------------------
