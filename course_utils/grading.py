@@ -58,6 +58,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .assets import CACHE_VARIABLE, cache_dir
+
 __all__ = [
     "CSV_FIELDS",
     "Exercise",
@@ -969,6 +971,13 @@ def _safe_ids(names: Iterable[str]) -> dict[str, str]:
     return ids
 
 
+def _hub_cache() -> str:
+    """The instructor's Hugging Face hub cache folder (where a downloaded model would be)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
 def _grade_job(
     job: _Job,
     base: Path,
@@ -1001,6 +1010,9 @@ def _grade_job(
         "MPLCONFIGDIR": str(scratch / "mpl"),
         "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"),
         "XDG_CACHE_HOME": str(scratch / "cache"),
+        # the instructor's model caches, read-only for the kernel: HOME moved, they did not
+        CACHE_VARIABLE: str(cache_dir()),
+        "HF_HUB_CACHE": _hub_cache(),
         "MPLBACKEND": "Agg",
         "HF_HUB_OFFLINE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",

@@ -253,12 +253,6 @@ def test_a_notebook_that_ignores_interrupts_is_killed_with_its_kernel(tmp_path):
     assert leftovers == [], "the stubborn kernel must be killed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the grading kernel runs with HOME in a scratch folder, so it misses the course model "
-    "cache (~/.cache/course_utils) and converts the GGUF model again, past the cell timeout; "
-    "fix: pass COURSE_CACHE (and the hub cache) of the instructor into the worker's env",
-)
 def test_solved_lesson_01_and_04_exercises_score_full_marks(tmp_path):
     """The two newer assignments grade like the others; 04 loads the course tokenizer offline."""
     submissions = tmp_path / "submissions"
