@@ -274,6 +274,11 @@ def _check_load_args(device, dtype, quantization) -> tuple[torch.device, torch.d
             f"quantization must be None or 'nf4' (got {quantization!r}); "
             "use 'nf4' for the QLoRA 4-bit model."
         )
+    if quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        raise CourseAssetError(
+            "4-bit loading needs bitsandbytes, which is not installed; "
+            "install it with: pip install 'bitsandbytes>=0.47' (it runs on CPU too)."
+        )
     device = pick_device(device) if device is not None else pick_device()
     if dtype is None:
         dtype = default_dtype(device)

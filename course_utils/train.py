@@ -1,0 +1,494 @@
+"""Training the course model: full fine-tuning, LoRA and QLoRA through TRL's SFTTrainer.
+
+Labs 05-07 read this module. One function, `train`, runs every method the same way:
+
+- the data is the course's chat examples, tokenized by `course_utils.data` (assistant-only
+  labels: -100 on every prompt token), handed to TRL's ``SFTTrainer`` already tokenized;
+- the model is prepared by `prepare_model`: all weights trainable (``"full"``), PEFT LoRA on a
+  frozen base (``"lora"``), or PEFT LoRA on the 4-bit NF4 base after
+  ``prepare_model_for_kbit_training`` (``"qlora"``);
+- the precision follows `course_utils.env`: fp32 on a CPU, bf16 (fp16 on a T4) on a GPU;
+- every logged step lands in a `TrainResult` (loss, tokens, seconds), and with ``measure_memory``
+  the peak bytes of live tensors during two steady-state steps are measured
+  (`course_utils.bench.PeakMemory`), so a lab can compare methods with numbers it measured.
+
+Measuring the result is `course_utils.evaluate`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import data, env
+
+__all__ = [
+    "METHODS",
+    "TrainResult",
+    "chat_dataset",
+    "count_parameters",
+    "lora_config",
+    "plot_losses",
+    "prepare_model",
+    "train",
+]
+
+#: The fine-tuning methods `prepare_model` and `train` know.
+METHODS = ("full", "lora", "qlora")
+MB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: one sentence saying what is wrong and what to do.
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: object, name: str, example: str) -> int:
+    """Return `value` if it is an integer > 0, else raise saying what to pass."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (got {value!r}); try {example}.")
+    return value
+
+
+def _positive_number(value: object, name: str, example: str) -> float:
+    """Return `value` as a float if it is a finite number > 0, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number (got {value!r}); try {example}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite (got {value!r}); try {example}.")
+    return float(value)
+
+
+def _check_method(method: object) -> str:
+    """Return `method` if it is one of METHODS, else raise listing them."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r}).")
+    return method  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The model: which weights train.
+# --------------------------------------------------------------------------------------------
+
+
+def lora_config(
+    r: int = 16,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] = "all-linear",
+    use_rslora: bool = False,
+):
+    """Return a PEFT ``LoraConfig`` for a causal LM (alpha defaults to 2·r, the common choice)."""
+    from peft import LoraConfig
+
+    r = _positive_int(r, "r (the LoRA rank)", "r=16")
+    alpha = 2 * r if alpha is None else _positive_number(alpha, "alpha", "alpha=2*r")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1) (got {dropout!r}); try dropout=0.0.")
+    if isinstance(target_modules, str):
+        targets: str | list[str] = target_modules
+    elif isinstance(target_modules, Sequence) and target_modules:
+        targets = list(target_modules)
+        if not all(isinstance(t, str) and t for t in targets):
+            raise ValueError("target_modules must be layer names such as ['q_proj', 'v_proj'].")
+    else:
+        raise ValueError(
+            "target_modules must be 'all-linear' or a list of layer names like ['q_proj', 'v_proj']."
+        )
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=targets,
+        use_rslora=bool(use_rslora),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def is_4bit(model) -> bool:
+    """Say whether the model's linear weights are stored in 4 bits by bitsandbytes."""
+    return bool(getattr(model, "is_loaded_in_4bit", False)) or any(
+        type(p).__name__ == "Params4bit" for p in model.parameters()
+    )
+
+
+def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | None = None):
+    """Make the right weights trainable for `method` and return the model to train.
+
+    ``"full"``: every parameter trains. ``"lora"``: PEFT LoRA (`lora`, default `lora_config()`)
+    on a frozen base. ``"qlora"``: the base must be loaded in 4 bits
+    (``assets.load_model(quantization="nf4")``); ``prepare_model_for_kbit_training`` keeps the
+    norms in fp32 and turns on gradient checkpointing, then LoRA goes on top.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    method = _check_method(method)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a transformers model (got {type(model).__name__}).")
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "This model already has adapters; load a fresh base model with assets.load_model()."
+        )
+    quantized = is_4bit(model)
+    if method == "qlora" and not quantized:
+        raise ValueError(
+            "QLoRA needs the 4-bit base model; load it with "
+            "assets.load_model(quantization='nf4') (bitsandbytes must be installed)."
+        )
+    if method != "qlora" and quantized:
+        raise ValueError(
+            f"A 4-bit model cannot be trained with method={method!r}; use method='qlora' "
+            "or load the model without quantization."
+        )
+    if gradient_checkpointing is None:
+        gradient_checkpointing = method == "qlora"
+    if method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        return model
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora if lora is not None else lora_config())
+    peft_model.train()
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts; a 4-bit weight counts as the weights it holds."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n = int(math.prod(param.quant_state.shape)) if param.quant_state is not None else 2 * n
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The data: chat examples -> a tokenized datasets.Dataset with assistant-only labels.
+# --------------------------------------------------------------------------------------------
+
+
+def chat_dataset(tokenizer, examples: Sequence[data.Example], max_length: int | None = 512):
+    """Tokenize chat examples into a ``datasets.Dataset`` (input_ids, attention_mask, labels)."""
+    from datasets import Dataset
+
+    if isinstance(examples, dict) or not isinstance(examples, Sequence) or not examples:
+        raise ValueError(
+            "examples must be a non-empty list of chat examples, e.g. "
+            "data.load_instruction_task('train')."
+        )
+    rows = [
+        data.tokenize_with_assistant_mask(tokenizer, example, max_length=max_length)
+        for example in examples
+    ]
+    return Dataset.from_list(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Training.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What one training run measured."""
+
+    method: str
+    steps: int
+    batch_size: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    peak_memory: int | None = None
+    device: str = "cpu"
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float:
+        """The loss of the first step."""
+        return self.losses[0]
+
+    @property
+    def final_loss(self) -> float:
+        """The mean loss of the last few steps (a tenth of the run, at least one)."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(tail) / len(tail)
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Median wall time of one optimizer step (robust to the slow first step)."""
+        if not self.step_seconds:
+            return self.seconds / max(self.steps, 1)
+        ordered = sorted(self.step_seconds)
+        return ordered[len(ordered) // 2]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens (padding excluded) per second of a typical step (median step time)."""
+        per_step = self.tokens / max(self.steps, 1)
+        return per_step / self.seconds_per_step if self.seconds_per_step > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Return the headline numbers as a flat dict (for a table)."""
+        return {
+            "method": self.method,
+            "trainable params": self.trainable_params,
+            "steps": self.steps,
+            "s/step": round(self.seconds_per_step, 2),
+            "tokens/s": round(self.tokens_per_second, 1),
+            "first loss": round(self.first_loss, 4),
+            "final loss": round(self.final_loss, 4),
+            "peak MB": None if self.peak_memory is None else round(self.peak_memory / MB, 1),
+        }
+
+
+def _callbacks(result: TrainResult, live_plot: bool, measure_memory: bool, model):
+    """Build the TrainerCallbacks that record losses, tokens, memory and draw the live plot."""
+    from transformers import TrainerCallback
+
+    from .bench import PeakMemory
+    from .memory import measure_model_bytes
+
+    class Recorder(TrainerCallback):
+        """Record every logged loss and step time (and redraw the live plot)."""
+
+        def __init__(self):
+            self.handle = None
+            self.started = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            result.step_seconds.append(time.perf_counter() - self.started)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                result.losses.append(float(logs["loss"]))
+                if live_plot and _in_notebook():
+                    self.handle = _draw_live(result, state.max_steps, self.handle)
+
+    class Memory(TrainerCallback):
+        """Measure the peak of live tensors over steps 2 and 3 (AdamW's states exist by then)."""
+
+        def __init__(self):
+            self.meter = None
+            self.base = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1 and self.meter is None:
+                optimizer = kwargs.get("optimizer")
+                states = _optimizer_state_bytes(optimizer) if optimizer is not None else 0
+                self.base = measure_model_bytes(model) + states
+                self.meter = PeakMemory(env.pick_device() if _on_cuda(model) else "cpu")
+                self.meter.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            last = min(3, state.max_steps)
+            if self.meter is not None and state.global_step == last and result.peak_memory is None:
+                self.meter.__exit__(None, None, None)
+                result.peak_memory = self.base + max(self.meter.peak or 0, 0)
+
+    callbacks = [Recorder()]
+    if measure_memory:
+        callbacks.append(Memory())
+    return callbacks
+
+
+def _on_cuda(model) -> bool:
+    """Say whether the model's weights are on a CUDA device."""
+    return next(model.parameters()).device.type == "cuda"
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the tensors an optimizer keeps (AdamW: two moments per trainable value)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return sum(
+        value.numel() * value.element_size()
+        for state in inner.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def _in_notebook() -> bool:
+    """Say whether we run inside a Jupyter kernel (where a live plot can be redrawn)."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:  # pragma: no cover - IPython comes with jupyter
+        return False
+    return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+
+
+def _draw_live(result: TrainResult, max_steps: int, handle):
+    """Redraw the loss curve in place in the notebook output; return the display handle."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    figure = plot_losses({result.method: result.losses}, max_steps=max_steps)
+    if handle is None:
+        handle = display(figure, display_id=True)
+    else:
+        handle.update(figure)
+    plt.close(figure)
+    return handle
+
+
+def _precision_flags(model) -> dict[str, bool]:
+    """bf16/fp16 mixed precision on CUDA as env.default_dtype says; nothing on a CPU."""
+    if not _on_cuda(model):
+        return {"bf16": False, "fp16": False}
+    dtype = env.default_dtype("cuda")
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def train(
+    model,
+    tokenizer,
+    examples: Sequence[data.Example] | Any,
+    *,
+    method: str,
+    steps: int,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    max_length: int | None = 512,
+    live_plot: bool = True,
+    measure_memory: bool = False,
+    progress_bar: bool = True,
+    output_dir: str | os.PathLike | None = None,
+) -> TrainResult:
+    """Train a prepared model (`prepare_model`) for `steps` optimizer steps with TRL's SFTTrainer.
+
+    `examples` is a list of chat examples (tokenized here with assistant-only labels) or a
+    ``datasets.Dataset`` with ``input_ids`` and ``labels`` (e.g. blocks of text for causal LM).
+    Returns a `TrainResult`; the model is trained in place.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    method = _check_method(method)
+    steps = _positive_int(steps, "steps", "steps=60")
+    batch_size = _positive_int(batch_size, "batch_size", "batch_size=8")
+    learning_rate = _positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0 (got {warmup_steps!r}).")
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise ValueError(
+            "The model has no trainable parameters; call train.prepare_model(model, method) first."
+        )
+    dataset = (
+        examples if isinstance(examples, Dataset) else chat_dataset(tokenizer, examples, max_length)
+    )
+    if "input_ids" not in dataset.column_names or "labels" not in dataset.column_names:
+        raise ValueError(
+            "The dataset needs 'input_ids' and 'labels' columns; build it with chat_dataset."
+        )
+    env.seed_everything(seed)
+    result = TrainResult(
+        method=method,
+        steps=steps,
+        batch_size=batch_size,
+        seconds=0.0,
+        trainable_params=trainable,
+        total_params=total,
+        device=next(model.parameters()).device.type,
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        config = SFTConfig(
+            output_dir=str(output_dir or scratch),
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=warmup_steps,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            data_seed=seed,
+            max_length=max_length,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=_on_cuda(model),
+            disable_tqdm=not progress_bar,
+            gradient_checkpointing=False,  # prepare_model decided already
+            include_num_input_tokens_seen="non_padding",
+            **_precision_flags(model),
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=_callbacks(result, live_plot, measure_memory, model),
+        )
+        trainer.remove_callback(_printer_callback())
+        started = time.perf_counter()
+        trainer.train()
+        result.seconds = time.perf_counter() - started
+        result.tokens = int(trainer.state.num_input_tokens_seen)
+    model.eval()
+    return result
+
+
+def _printer_callback():
+    """The callback class that prints every log dict (noise next to the progress bar)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    return PrinterCallback
+
+
+def plot_losses(runs: dict[str, Sequence[float]], max_steps: int | None = None, ax=None):
+    """Plot the training loss of one or more runs ({label: losses per step}); return the figure."""
+    import matplotlib.pyplot as plt
+
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(
+            "runs must be a dict {label: [loss per step]}, e.g. {'lora': result.losses}."
+        )
+    if ax is None:
+        figure, ax = plt.subplots(figsize=(6, 3.2))
+    else:
+        figure = ax.figure
+    for label, losses in runs.items():
+        ax.plot(
+            range(1, len(losses) + 1),
+            list(losses),
+            label=label,
+            marker="." if len(losses) < 30 else None,
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    if max_steps:
+        ax.set_xlim(0.5, max_steps + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,220 @@
+"""Tests for course_utils.train and course_utils.evaluate on a tiny random Llama (seconds, not minutes).
+
+The tiny model has the course tokenizer's vocabulary, so the real chat template, the real
+assistant-only labels and TRL's real SFTTrainer all run; the labs run the same code on SmolLM2.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from course_utils import assets, data, evaluate, memory, train
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return assets.load_tokenizer(source="offline")
+
+
+def tiny_model(tokenizer):
+    """A random 2-layer Llama with the course tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return data.load_instruction_task("train")[:8]
+
+
+# ------------------------------------------------------------------------------ lora_config
+
+
+def test_lora_config_defaults_alpha_to_twice_the_rank():
+    config = train.lora_config(r=8)
+    assert config.r == 8 and config.lora_alpha == 16 and config.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("r", [0, -4, 2.5, True, "16"])
+def test_lora_config_rejects_a_rank_that_is_not_a_positive_integer(r):
+    with pytest.raises(ValueError, match="r \\(the LoRA rank\\) must be a positive integer"):
+        train.lora_config(r=r)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 0}, "alpha must be a positive number"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"target_modules": []}, "target_modules"),
+        ({"target_modules": ["q_proj", ""]}, "layer names"),
+    ],
+)
+def test_lora_config_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.lora_config(**kwargs)
+
+
+# ------------------------------------------------------------------------------ prepare_model
+
+
+def test_prepare_model_lora_trains_exactly_the_formula(tokenizer):
+    model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+    trainable, total = train.count_parameters(model)
+    assert trainable == memory.lora_trainable_params(model.config, r=4, targets="all-linear")
+    assert 0 < trainable < total
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_prepare_model_full_trains_everything(tokenizer):
+    model = tiny_model(tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = train.prepare_model(model, "full")
+    trainable, total = train.count_parameters(model)
+    assert trainable == total == sum(p.numel() for p in model.parameters())
+
+
+def test_prepare_model_rejects_unknown_methods_and_wrong_bases(tokenizer):
+    with pytest.raises(ValueError, match="full, lora, qlora"):
+        train.prepare_model(tiny_model(tokenizer), "dora")
+    with pytest.raises(ValueError, match="quantization='nf4'"):
+        train.prepare_model(tiny_model(tokenizer), "qlora")
+    wrapped = train.prepare_model(tiny_model(tokenizer), "lora")
+    with pytest.raises(ValueError, match="already has adapters"):
+        train.prepare_model(wrapped, "lora")
+    with pytest.raises(TypeError):
+        train.prepare_model("model", "lora")
+
+
+def test_asking_for_4bit_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
+    )
+    with pytest.raises(assets.CourseAssetError, match="pip install 'bitsandbytes"):
+        assets.load_model(quantization="nf4", source="offline")
+
+
+# ------------------------------------------------------------------------------ data and training
+
+
+def test_chat_dataset_keeps_the_assistant_only_labels(tokenizer, examples):
+    dataset = train.chat_dataset(tokenizer, examples)
+    expected = data.tokenize_with_assistant_mask(tokenizer, examples[0], max_length=512)
+    assert dataset[0]["input_ids"] == expected["input_ids"]
+    assert dataset[0]["labels"] == expected["labels"]
+    assert data.IGNORE_INDEX in dataset[0]["labels"]
+    with pytest.raises(ValueError, match="non-empty list"):
+        train.chat_dataset(tokenizer, [])
+    with pytest.raises(ValueError, match="no assistant turn"):
+        train.chat_dataset(tokenizer, [{"messages": [{"role": "user", "content": "Hi"}]}])
+
+
+def test_train_lowers_the_loss_and_records_what_it_measured(tokenizer, examples):
+    model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=8))
+    result = train.train(
+        model,
+        tokenizer,
+        examples,
+        method="lora",
+        steps=6,
+        batch_size=4,
+        learning_rate=1e-2,
+        measure_memory=True,
+        progress_bar=False,
+    )
+    assert len(result.losses) == len(result.step_seconds) == 6
+    assert result.final_loss < result.first_loss, result.losses
+    n_tokens = sum(len(ids) for ids in train.chat_dataset(tokenizer, examples)["input_ids"])
+    assert result.tokens == 3 * n_tokens  # 6 steps x 4 = 24 examples = 3 passes over 8
+    assert result.tokens_per_second > 0 and result.seconds > 0
+    assert result.peak_memory > memory.measure_model_bytes(model)
+    assert set(result.summary()) >= {"method", "trainable params", "s/step", "tokens/s", "peak MB"}
+
+
+def test_train_rejects_bad_budgets_and_untrainable_models(tokenizer, examples):
+    model = train.prepare_model(tiny_model(tokenizer), "lora")
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        train.train(model, tokenizer, examples, method="lora", steps=0)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+        train.train(model, tokenizer, examples, method="lora", steps=1, learning_rate=-1)
+    frozen = tiny_model(tokenizer)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="prepare_model"):
+        train.train(frozen, tokenizer, examples, method="full", steps=1)
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def test_perplexity_is_exp_of_the_model_loss_and_short_text_is_rejected(tokenizer):
+    model = tiny_model(tokenizer)
+    texts = data.load_python_reference("validation")
+    ppl = evaluate.perplexity(model, tokenizer, texts, block_size=32, max_blocks=2, batch_size=2)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    blocks = torch.tensor(data.group_texts(ids, 32, tokenizer.eos_token_id)["input_ids"][:2])
+    with torch.no_grad():
+        loss = model(input_ids=blocks, labels=blocks).loss
+    assert ppl == pytest.approx(torch.exp(loss).item(), rel=1e-4)
+    assert ppl > len(tokenizer) / 10  # a random model is nearly uniform over the vocabulary
+    with pytest.raises(ValueError, match="shorter than one block"):
+        evaluate.perplexity(model, tokenizer, ["too short"], block_size=128)
+    with pytest.raises(ValueError, match="non-empty list"):
+        evaluate.perplexity(model, tokenizer, "a string, not a list")
+
+
+def test_answer_loss_averages_over_assistant_tokens_only(tokenizer, examples):
+    model = tiny_model(tokenizer)
+    batch = data.pad_batch([data.tokenize_with_assistant_mask(tokenizer, examples[0])], 0)
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    assert evaluate.answer_loss(model, tokenizer, examples[:1]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_max_logit_difference_is_zero_for_the_same_weights_and_not_for_others(tokenizer):
+    a, b = tiny_model(tokenizer), tiny_model(tokenizer)
+    prompts = ["A flat in Leeds.", "A two-bed house to rent in York for £900 pcm."]
+    assert evaluate.max_logit_difference(a, b, tokenizer, prompts) == 0.0
+    with torch.no_grad():
+        b.lm_head.weight.add_(0.1)
+    assert evaluate.max_logit_difference(a, b, tokenizer, prompts) > 0.01
+    with pytest.raises(ValueError):
+        evaluate.max_logit_difference(a, b, tokenizer, [])
+
+
+def test_field_accuracy_scores_each_key_and_side_by_side_makes_a_table(examples):
+    references = [data.reference_answer(e) for e in examples[:2]]
+    wrong_city = references[1].replace(data.parse_json_answer(references[1])["city"], "Atlantis")
+    fields = evaluate.field_accuracy([references[0], wrong_city], references)
+    assert fields["city"] == 0.5 and fields["bedrooms"] == 1.0
+    assert evaluate.field_accuracy(["no json here", references[1]], references)["type"] == 0.5
+    table = evaluate.side_by_side(examples, {"model": references}, n=2).splitlines()
+    assert len(table) == 4 and table[0] == "| input | model | reference |"
+    with pytest.raises(ValueError, match="same length"):
+        evaluate.field_accuracy(references, references[:1])
+
+
+def test_folder_size_adds_up_files_and_names_a_missing_folder(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 23)
+    assert evaluate.folder_size(tmp_path) == 123
+    with pytest.raises(FileNotFoundError, match="save the model"):
+        evaluate.folder_size(tmp_path / "missing")
