@@ -12,6 +12,8 @@ One module per idea, each read by the lesson that teaches it:
 - ``quant``      absmax, zero-point, blockwise, NF4, double quant, Q4_1 from scratch    (03)
 - ``widgets``    the rank/alpha explorers and the memory calculator                     (02, 03)
 - ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (04)
+- ``train``      LoRA, QLoRA and full fine-tuning through TRL's SFTTrainer, measured   (05-07)
+- ``evaluate``   task scores, perplexity and forgetting, logit equality, sizes on disk (05-07)
 - ``bench``      the memory estimator measured against real training steps (`make bench`)
 - ``grading``    nbgrader exercises and batch grading (`make exercises`, `make grade`)
 """

@@ -11,7 +11,14 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# 06 and 07 clean their runs/ folder the way 05 does (rerun here); each trains two to five
+# models, so running them a second time would push `make test` past its 20-minute budget.
+SECOND_RUN_SKIPPED = {"06_qlora_lab.ipynb", "07_full_finetuning_lab.ipynb"}
+NOTEBOOKS = [
+    p
+    for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if p.name not in SECOND_RUN_SKIPPED
+]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
