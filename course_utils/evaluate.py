@@ -12,9 +12,10 @@ Labs 05-07 read this module:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,17 @@ def side_by_side(
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Put `model` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -117,18 +129,14 @@ def perplexity(
     blocks = data.group_texts(ids, block_size, separator_id=tokenizer.eos_token_id)["input_ids"]
     blocks = blocks[:max_blocks]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total_loss, total_tokens = 0.0, 0
-    try:
+    with _eval_mode(model):
         for start in range(0, len(blocks), batch_size):
             batch = torch.tensor(blocks[start : start + batch_size], device=device)
             loss = model(input_ids=batch, labels=batch).loss.float().item()
             n = batch.shape[0] * (batch.shape[1] - 1)  # the positions that predict a next token
             total_loss += loss * n
             total_tokens += n
-    finally:
-        model.train(was_training)
     return math.exp(total_loss / total_tokens)
 
 
@@ -144,11 +152,9 @@ def max_logit_difference(model_a, model_b, tokenizer, prompts: Sequence[str]) ->
     mask = batch["attention_mask"].bool()
     logits = []
     for model in (model_a, model_b):
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        logits.append(model(**batch.to(device)).logits.float().cpu())
-        model.train(was_training)
+        with _eval_mode(model):
+            device = next(model.parameters()).device
+            logits.append(model(**batch.to(device)).logits.float().cpu())
     return (logits[0] - logits[1]).abs()[mask].max().item()
 
 
@@ -171,10 +177,8 @@ def answer_loss(
     _positive_int(batch_size, "batch_size")
     features = [data.tokenize_with_assistant_mask(tokenizer, e) for e in examples]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with _eval_mode(model):
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size]
             batch = {
@@ -183,6 +187,4 @@ def answer_loss(
             n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
             total += model(**batch).loss.float().item() * n
             count += n
-    finally:
-        model.train(was_training)
     return total / count
