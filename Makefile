@@ -21,7 +21,7 @@ help:
 	@echo "make test     set up (once) and run the whole test suite (lint, unit, notebooks)"
 	@echo "make lint     ruff check + ruff format --check over course_utils, tests, notebooks"
 	@echo "make timings  run every notebook with the full profile and record its wall time"
-	@echo "make bench    measure the memory estimator against real training steps (prints a table)"
+	@echo "make bench    speed, MFU and peak memory of full/LoRA/QLoRA, estimator vs measured (bench/results/)"
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
 
@@ -65,8 +65,11 @@ test: model browser lint
 timings: model
 	$(BIN)/python -m course_utils.course_map --measure notebooks/*.ipynb
 
+# The performance record: speed, MFU and peak memory of full / LoRA / QLoRA (bench/results/),
+# then the memory estimator against a hand-written training step. Not part of `make test`.
 bench: model
-	$(BIN)/python -m course_utils.bench memory
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --out bench/results
+	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench memory --json bench/results/memory.json
 
 # Graded exercises (nbgrader, configured in course_utils/grading.py); never edit exercises/ by hand.
 exercises: setup

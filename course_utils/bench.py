@@ -249,13 +249,16 @@ class PeakMemory:
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_model(dtype: torch.dtype, device: torch.device, quantize: bool):
+def _tiny_model(
+    dtype: torch.dtype, device: torch.device, quantize: bool, vocab_size: int | None = None
+):
     """A random 2-layer Llama, saved and loaded back like a real checkpoint (NF4 if asked)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    config = dict(TINY_CONFIG, vocab_size=vocab_size or TINY_CONFIG["vocab_size"])
     with tempfile.TemporaryDirectory() as folder:
-        LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).save_pretrained(folder)
+        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder)
         options: dict = {"dtype": dtype}
         if quantize:
             from course_utils.assets import nf4_config
@@ -497,9 +500,20 @@ def measure_training_step(
         gradient_checkpointing=gradient_checkpointing,
         device=device,
     )
+    return run_child(
+        ["_step", *options.argv()], timeout=timeout, what=f"the {method} training step"
+    )
+
+
+def run_child(argv: list[str], *, timeout: float, what: str) -> dict:
+    """Run ``python -m course_utils.bench ARGV`` in a fresh subprocess; return its result dict.
+
+    The child prints one ``BENCH_RESULT {json}`` line; a failure or a timeout raises with the
+    command to run by hand and the last lines it printed.
+    """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    command = [sys.executable, "-m", "course_utils.bench", "_step", *options.argv()]
+    command = [sys.executable, "-m", "course_utils.bench", *argv]
     child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     # glibc keeps freed blocks below its (self-raising) mmap threshold for re-use, so RSS would
     # stay up after activations are freed; a fixed threshold hands big blocks back at once and
@@ -514,15 +528,15 @@ def measure_training_step(
         )
     except subprocess.TimeoutExpired:
         raise RuntimeError(
-            f"the {method} training step took more than {timeout:g} s; pass a smaller batch or "
-            f"seq_len, or a larger timeout (the command was `{shown}`)."
+            f"{what} took more than {timeout:g} s; pass a smaller batch or seq_len, or a "
+            f"larger timeout (the command was `{shown}`)."
         ) from None
     lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
     if done.returncode != 0 or not lines:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
         raise RuntimeError(
-            f"the {method} training step failed (exit code {done.returncode}); run "
-            f"`{shown}` by hand to see why. Last lines:\n{tail}"
+            f"{what} failed (exit code {done.returncode}); run `{shown}` by hand to see why. "
+            f"Last lines:\n{tail}"
         )
     return json.loads(lines[-1][len(_RESULT_MARK) :])
 
@@ -677,15 +691,67 @@ def _step_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workload_parser() -> argparse.ArgumentParser:
+    """Arguments of the internal ``_workload`` subcommand (one training workload, JSON out)."""
+    from .bench_training import WORKLOADS
+
+    parser = argparse.ArgumentParser(prog="python -m course_utils.bench _workload")
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    for name, default in (("steps", 6), ("batch", 8), ("seq-len", 128), ("lora-r", 16)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+def _train_main(argv: list[str]) -> int:
+    """``python -m course_utils.bench train``: speed, MFU and memory of each method."""
+    from . import bench_training
+
+    parser = argparse.ArgumentParser(
+        prog="python -m course_utils.bench train", description=_train_main.__doc__
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=bench_training.WORKLOADS,
+        default=list(bench_training.WORKLOADS),
+    )
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--steps", type=int, default=None, help="default 6 (ci profile: 4)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    bench_training.run(
+        args.workloads,
+        out=args.out,
+        model=args.model,
+        steps=args.steps,
+        batch=args.batch,
+        seq_len=args.seq_len,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_utils.bench memory``: estimated vs measured training memory."""
+    """``python -m course_utils.bench train|memory``: the training record, the memory estimator."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "_step":
         result = _run_step(_step_parser().parse_args(argv[1:]))
         print(_RESULT_MARK + json.dumps(result), flush=True)
         return 0
+    if argv and argv[0] == "_workload":
+        from .bench_training import run_workload
+
+        options = vars(_workload_parser().parse_args(argv[1:]))
+        result = run_workload(options.pop("workload"), **options)
+        print(_RESULT_MARK + json.dumps(result), flush=True)
+        return 0
+    if argv and argv[0] == "train":
+        return _train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course_utils.bench", description=main.__doc__)
-    parser.add_argument("what", choices=["memory"], help="what to benchmark")
+    parser.add_argument("what", choices=["memory", "train"], help="what to benchmark")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch", type=int, default=None, help="default 4 (ci profile: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 128 (ci profile: 64)")

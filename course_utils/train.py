@@ -143,6 +143,15 @@ def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | 
             "QLoRA needs the 4-bit base model; load it with "
             "assets.load_model(quantization='nf4') (bitsandbytes must be installed)."
         )
+    if quantized:
+        from .assets import has_cpu_inference_layout, keep_trainable_4bit_layout
+
+        if has_cpu_inference_layout(model):
+            raise ValueError(
+                "bitsandbytes repacked this 4-bit model's weights for CPU inference, a layout "
+                "training gets wrong; load it again with assets.load_model(quantization='nf4')."
+            )
+        keep_trainable_4bit_layout(model)
     if method != "qlora" and quantized:
         raise ValueError(
             f"A 4-bit model cannot be trained with method={method!r}; use method='qlora' "

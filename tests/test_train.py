@@ -111,6 +111,54 @@ def test_asking_for_4bit_without_bitsandbytes_says_how_to_install_it(monkeypatch
         assets.load_model(quantization="nf4", source="offline")
 
 
+def _tiny_nf4(tokenizer):
+    """The tiny Llama loaded in NF4 by transformers + bitsandbytes, as a learner might load it."""
+    from course_utils.bench import _tiny_model
+
+    return _tiny_model(torch.float32, torch.device("cpu"), True, vocab_size=len(tokenizer))
+
+
+def _qlora_losses(tokenizer, examples, evaluate_first):
+    model = _tiny_nf4(tokenizer)
+    if evaluate_first:  # what lab 06 does: score the 4-bit model, then train it
+        assets.keep_trainable_4bit_layout(model)  # load_model(quantization="nf4") does this
+        with torch.no_grad():
+            model.eval()(torch.tensor([[1, 2, 3]]))
+    model = train.prepare_model(model, "qlora", lora=train.lora_config(r=4))
+    run = train.train(
+        model, tokenizer, examples, method="qlora", steps=3, batch_size=2, live_plot=False
+    )
+    return run.losses
+
+
+def test_a_4bit_model_evaluated_first_trains_exactly_like_a_fresh_one(tokenizer, examples):
+    # bitsandbytes would repack the weights for CPU inference on that first no-grad forward
+    # (on AVX512-BF16 CPUs), after which QLoRA stopped learning in lab 06
+    assert _qlora_losses(tokenizer, examples, True) == _qlora_losses(tokenizer, examples, False)
+
+
+def _repacks_for_inference() -> bool:
+    """Say whether bitsandbytes' CPU inference repacking happens on this machine."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(
+    not _repacks_for_inference(),
+    reason="bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16",
+)
+def test_prepare_model_refuses_4bit_weights_repacked_for_inference(tokenizer):
+    model = _tiny_nf4(tokenizer)
+    with torch.no_grad():
+        model.eval()(torch.tensor([[1, 2, 3]]))  # the flag is still on: bitsandbytes repacks
+    assert assets.has_cpu_inference_layout(model)
+    with pytest.raises(ValueError, match="load it again"):
+        train.prepare_model(model, "qlora")
+
+
 # ------------------------------------------------------------------------------ data and training
 
 

@@ -1,0 +1,608 @@
+"""Full fine-tuning, LoRA and QLoRA measured side by side: speed, MFU and peak memory.
+
+``python -m course_utils.bench train`` (the first half of ``make bench``) trains SmolLM2-135M
+for a few steps with each method, every workload in a *fresh* subprocess, on the same data: the
+Python language reference (``course_utils.data``) cut into blocks of ``seq_len`` tokens, so every
+step sees exactly ``batch x seq_len`` real tokens and no padding. The workloads:
+
+* ``course-full``, ``course-lora``, ``course-qlora``: the labs' own path,
+  ``train.prepare_model`` + ``train.train`` (TRL's ``SFTTrainer``), LoRA r=16 on every linear
+  layer, QLoRA on the NF4 model with gradient checkpointing;
+* ``trainer-lora``: the same LoRA workload through plain ``transformers.Trainer`` + PEFT, the
+  reference the course path must not be slower than.
+
+What each number means
+----------------------
+* **time per step**: the median wall time of the steps after the third (step 1 warms up the
+  kernels and the optimizer; steps 2 and 3 run under the memory profiler, which slows them).
+* **tokens/s**: tokens per step / time per step.
+* **MFU** (model FLOPs utilisation): model FLOPs per second / the fp32 matmul rate this machine
+  reached in the same run (`matmul_rate`, the best of a square and a model-shaped product).
+  Model FLOPs per token: ``6·N`` for full fine-tuning (forward 2N, backward 4N: input and weight
+  gradients); ``4·N + 6·N_lora`` for LoRA and QLoRA (the frozen weights need input gradients but
+  no weight gradients; the adapters need both). N counts every parameter once (SmolLM2 ties its
+  embedding to the output layer, whose matmul is the FLOPs); attention scores, norms, the
+  recomputation of gradient checkpointing and NF4 dequantization are not counted.
+* **peak memory**: bytes of live tensors during steps 2-3 (`train.train(measure_memory=True)`,
+  via `bench.PeakMemory`), next to `memory.estimate` for the same batch; the error is
+  estimated / measured - 1.
+
+`run` writes ``train.md``, ``train.csv`` and ``train.png`` to the output folder
+(``bench/results/`` by default) and returns the rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import env
+
+__all__ = [
+    "TARGETS",
+    "WORKLOADS",
+    "flops_per_token",
+    "format_table",
+    "matmul_rate",
+    "measure_workload",
+    "run",
+    "run_workload",
+    "summarise",
+]
+
+#: The four workloads: the course path for each method, and LoRA through plain Trainer + PEFT.
+WORKLOADS = ("course-full", "course-lora", "course-qlora", "trainer-lora")
+#: What the issue asks of this CPU: speed ratio, MFU and memory ratios (see `summarise`).
+TARGETS = {
+    "course / trainer speed": (">=", 1.0),
+    "MFU lora": (">=", 0.60),
+    "MFU full": (">=", 0.80),
+    "peak qlora / lora": ("<=", 0.6),
+    "peak lora / full": ("<=", 0.6),
+    "estimator error": ("|x|<=", 0.10),
+}
+MB = 2**20
+_TIMED_AFTER = 3  # step 1 warms up; steps 2-3 run under the memory profiler
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def _check_workloads(workloads: object) -> list[str]:
+    """Return `workloads` as a list if every one is in WORKLOADS, else raise."""
+    if isinstance(workloads, str) or not isinstance(workloads, Sequence) or not workloads:
+        raise ValueError(f"workloads must be a non-empty list drawn from {list(WORKLOADS)}.")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}.")
+    return list(workloads)
+
+
+def _check_sizes(**sizes: object) -> None:
+    """Raise unless every size is a positive int (steps must also leave a step to time)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. {name}=4.")
+    if sizes.get("steps", 2) < 2:
+        raise ValueError("steps must be at least 2 (the first step only warms up); e.g. steps=6.")
+
+
+# --------------------------------------------------------------------------------------------
+# Inside the subprocess: one workload
+# --------------------------------------------------------------------------------------------
+
+
+def _blocks(tokenizer, n_blocks: int, seq_len: int):
+    """A Dataset of `n_blocks` blocks of `seq_len` tokens of the Python reference (labels = ids)."""
+    from datasets import Dataset
+
+    from . import data
+
+    ids: list[list[int]] = []
+    have = 0
+    for text in data.load_python_reference("train"):
+        ids.append(tokenizer(text)["input_ids"])
+        have += len(ids[-1]) + 1
+        if have >= n_blocks * seq_len:
+            break
+    blocks = data.group_texts(ids, seq_len, tokenizer.eos_token_id)
+    if len(blocks["input_ids"]) < n_blocks:
+        raise ValueError(f"the reference text holds fewer than {n_blocks} blocks of {seq_len}.")
+    return Dataset.from_dict({key: rows[:n_blocks] for key, rows in blocks.items()})
+
+
+def _load(model_name: str, method: str, tokenizer, device: torch.device):
+    """The base model for a method: SmolLM2 from the course cache or the tiny random Llama."""
+    quantize = method == "qlora"
+    if model_name == "tiny":
+        from .bench import _tiny_model
+
+        return _tiny_model(torch.float32, device, quantize, vocab_size=len(tokenizer))
+    from .assets import load_model
+
+    return load_model(device=device, quantization="nf4" if quantize else None, verbose=False)
+
+
+def _step_timer(step_seconds: list[float]):
+    """A TrainerCallback that appends the wall time of every optimizer step to `step_seconds`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_seconds.append(time.perf_counter() - self.started)
+
+    return StepTimer()
+
+
+def _plain_trainer_lora(model, dataset, steps: int, batch: int, lora_r: int, lr: float) -> dict:
+    """LoRA through plain transformers.Trainer + PEFT (no TRL): the reference path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback
+
+    from .memory import LLAMA_LINEAR_LAYERS
+
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=2 * lora_r,
+        lora_dropout=0.0,
+        target_modules=list(LLAMA_LINEAR_LAYERS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    dtype = env.default_dtype("cuda") if on_cuda else torch.float32
+    step_seconds: list[float] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            learning_rate=lr,
+            lr_scheduler_type="linear",
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            dataloader_pin_memory=on_cuda,
+            disable_tqdm=True,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=default_data_collator,
+            callbacks=[_step_timer(step_seconds)],
+        )
+        trainer.remove_callback(PrinterCallback)  # the log dicts, printed (the course path too)
+        trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "step_seconds": step_seconds,
+        "losses": losses,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_memory": None,
+        "model": model,
+    }
+
+
+def _course_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr) -> dict:
+    """The labs' path: train.prepare_model + train.train (TRL SFTTrainer), memory measured."""
+    from . import train
+
+    lora = None if method == "full" else train.lora_config(r=lora_r)
+    model = train.prepare_model(model, method, lora=lora)
+    result = train.train(
+        model,
+        tokenizer,
+        dataset,
+        method=method,
+        steps=steps,
+        batch_size=batch,
+        learning_rate=lr,
+        live_plot=False,
+        measure_memory=True,
+        progress_bar=False,
+    )
+    return {
+        "step_seconds": result.step_seconds,
+        "losses": result.losses,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "peak_memory": result.peak_memory,
+        "model": model,
+    }
+
+
+def run_workload(
+    workload: str,
+    *,
+    model: str = "smollm2",
+    steps: int = 6,
+    batch: int = 8,
+    seq_len: int = 128,
+    lora_r: int = 16,
+    learning_rate: float = 1e-4,
+    device: str | None = None,
+) -> dict:
+    """Run one workload in this process and return its measurements (a JSON-able dict)."""
+    from . import assets
+
+    workload = _check_workloads([workload])[0]
+    _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
+    if model not in ("smollm2", "tiny"):
+        raise ValueError(f"model must be 'smollm2' or 'tiny', got {model!r}.")
+    started = time.perf_counter()
+    path, method = workload.split("-")
+    where = env.pick_device(device)
+    env.seed_everything(0)
+    tokenizer = assets.load_tokenizer()
+    dataset = _blocks(tokenizer, steps * batch, seq_len)
+    base = _load(model, method, tokenizer, where)
+    if path == "course":
+        out = _course_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate)
+    else:
+        out = _plain_trainer_lora(base, dataset, steps, batch, lora_r, learning_rate)
+    trained = out.pop("model")
+    config = trained.config.to_dict()
+    from .bench import _CONFIG_KEYS
+
+    step_seconds = out["step_seconds"]
+    timed = step_seconds[_TIMED_AFTER:] or step_seconds[1:]
+    per_step = sorted(timed)[len(timed) // 2]
+    return {
+        "workload": workload,
+        "path": path,
+        "method": method,
+        "model": model,
+        "device": where.type,
+        "dtype": str(next(p for p in trained.parameters() if p.is_floating_point()).dtype)[6:],
+        "steps": steps,
+        "batch": batch,
+        "seq_len": seq_len,
+        "lora_r": lora_r,
+        "tokens_per_step": batch * seq_len,
+        "seconds_per_step": per_step,
+        "tokens_per_second": batch * seq_len / per_step,
+        "timed_steps": len(timed),
+        "config": {key: config.get(key) for key in _CONFIG_KEYS},
+        "seconds": time.perf_counter() - started,
+        **out,
+    }
+
+
+def measure_workload(workload: str, *, timeout: float = 900, **options) -> dict:
+    """Run one workload in a fresh subprocess (nothing shared with the others) and return it."""
+    from .bench import run_child
+
+    workload = _check_workloads([workload])[0]
+    argv = ["_workload", workload] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    return run_child(argv, timeout=timeout, what=f"the {workload} workload")
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: matmul rate, FLOPs, the comparison
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_rate(
+    shapes: Sequence[tuple[int, int, int]] = ((2048, 2048, 2048), (1024, 576, 1536)),
+    device: str | None = None,
+    repeats: int = 5,
+) -> float:
+    """The best fp32 (fp32 on CPU, the course dtype on GPU) matmul rate in FLOP/s over `shapes`.
+
+    Each shape (m, k, n) is an (m x k) @ (k x n) product, timed `repeats` times after a warm-up;
+    the best time counts (2·m·k·n FLOPs).
+    """
+    _check_sizes(repeats=repeats)
+    where = env.pick_device(device)
+    dtype = env.default_dtype(where)
+    best = 0.0
+    for m, k, n in shapes:
+        _check_sizes(m=m, k=k, n=n)
+        a = torch.randn(m, k, device=where, dtype=dtype)
+        b = torch.randn(k, n, device=where, dtype=dtype)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            if where.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            a @ b
+            if where.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - started))
+    return best
+
+
+def flops_per_token(method: str, total_params: int, trainable_params: int) -> int:
+    """Model FLOPs of one training token: 6·N (full) or 4·N + 6·N_lora (LoRA, QLoRA)."""
+    from .train import _check_method
+
+    _check_method(method)
+    _check_sizes(total_params=total_params, trainable_params=trainable_params)
+    if method == "full":
+        return 6 * total_params
+    return 4 * (total_params - trainable_params) + 6 * trainable_params
+
+
+def _estimate(row: dict) -> int:
+    """The memory estimator's total for the setup a workload ran with."""
+    from .memory import estimate
+
+    config = {k: v for k, v in row["config"].items() if v is not None}
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(row["dtype"], "fp32")
+    return estimate(
+        config,
+        method=row["method"],
+        dtype=dtype,
+        batch=row["batch"],
+        seq_len=row["seq_len"],
+        optimizer="adamw",
+        lora_r=row["lora_r"],
+        gradient_checkpointing=row["method"] == "qlora",
+    ).total
+
+
+def _with_derived(row: dict, rate: float) -> dict:
+    """Add MFU and the estimator's number (with its error) to one measured row."""
+    per_token = flops_per_token(row["method"], row["total_params"], row["trainable_params"])
+    row = {**row, "flops_per_token": per_token, "matmul_rate": rate}
+    row["mfu"] = per_token * row["tokens_per_second"] / rate
+    if row["peak_memory"]:
+        row["estimated_memory"] = _estimate(row)
+        row["estimator_error"] = row["estimated_memory"] / row["peak_memory"] - 1
+    else:
+        row["estimated_memory"] = row["estimator_error"] = None
+    return row
+
+
+def summarise(rows: Sequence[dict]) -> dict[str, float | None]:
+    """The target quantities (TARGETS' keys) from measured rows; None where a workload is missing."""
+    by = {row["workload"]: row for row in rows}
+
+    def get(workload, key):
+        return by[workload][key] if workload in by and by[workload].get(key) else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b is not None else None
+
+    errors = [row["estimator_error"] for row in rows if row.get("estimator_error") is not None]
+    return {
+        "course / trainer speed": ratio(
+            get("course-lora", "tokens_per_second"), get("trainer-lora", "tokens_per_second")
+        ),
+        "MFU lora": get("course-lora", "mfu"),
+        "MFU full": get("course-full", "mfu"),
+        "peak qlora / lora": ratio(
+            get("course-qlora", "peak_memory"), get("course-lora", "peak_memory")
+        ),
+        "peak lora / full": ratio(
+            get("course-lora", "peak_memory"), get("course-full", "peak_memory")
+        ),
+        "estimator error": max(errors, key=abs) if errors else None,
+    }
+
+
+def _met(name: str, value: float | None) -> str:
+    """'met' / 'NOT met' / 'not measured' for one target."""
+    if value is None:
+        return "not measured"
+    op, bound = TARGETS[name]
+    ok = {">=": value >= bound, "<=": value <= bound, "|x|<=": abs(value) <= bound}[op]
+    return "met" if ok else "NOT met"
+
+
+def machine() -> dict[str, object]:
+    """What the bench ran on: CPU model, cores, threads, RAM, device and library versions."""
+    report = env.environment_report()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if "model name" in line]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    keep = ("platform", "cpu cores", "torch threads", "RAM (GB)", "device", "dtype", "gpu")
+    versions = ("torch", "transformers", "peft", "trl", "bitsandbytes")
+    return {
+        "cpu": cpu,
+        **{k: report[k] for k in keep if k in report},
+        **{k: report[k] for k in versions if k in report},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reports: markdown, CSV, PNG
+# --------------------------------------------------------------------------------------------
+
+_COLUMNS = (
+    ("workload", "workload", "{}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("seconds_per_step", "s/step", "{:.2f}"),
+    ("tokens_per_second", "tokens/s", "{:.1f}"),
+    ("flops_per_token", "GFLOP/token", None),
+    ("mfu", "MFU", "{:.1%}"),
+    ("peak_memory", "peak MB", None),
+    ("estimated_memory", "estimated MB", None),
+    ("estimator_error", "error", "{:+.1%}"),
+)
+
+
+def _cell(row: dict, key: str, fmt: str | None) -> str:
+    """One table cell: MB for memory, GFLOP for FLOPs, `fmt` otherwise, '-' when missing."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key in ("peak_memory", "estimated_memory"):
+        return f"{value / MB:.0f}"
+    if key == "flops_per_token":
+        return f"{value / 1e9:.3f}"
+    return fmt.format(value)
+
+
+def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
+    """The comparison as markdown: the machine, one row per workload, then the targets."""
+    if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence) or not rows:
+        raise TypeError("rows must be the non-empty list that run() returns.")
+    for row in rows:
+        if not isinstance(row, dict) or "workload" not in row or "mfu" not in row:
+            raise TypeError("each row must be a dict from run() (with 'workload' and 'mfu').")
+    first = rows[0]
+    lines = []
+    if info:
+        lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".")
+        lines.append("")
+    lines.append(
+        f"Model {first['model']}, {first['device']} {first['dtype']}, batch {first['batch']} x "
+        f"{first['seq_len']} tokens of the Python reference (no padding), LoRA r={first['lora_r']}"
+        f" alpha={2 * first['lora_r']} on all linear layers, AdamW; median of "
+        f"{first['timed_steps']} timed steps of {first['steps']}; fp32 matmul rate measured in "
+        f"this run: {first['matmul_rate'] / 1e9:.1f} GFLOP/s."
+    )
+    lines.append("")
+    lines.append("| " + " | ".join(title for _, title, _ in _COLUMNS) + " |")
+    lines.append("|" + "---|" * len(_COLUMNS))
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in _COLUMNS) + " |")
+    lines += ["", "| target | measured | goal | |", "|---|---|---|---|"]
+    for name, value in summarise(rows).items():
+        op, bound = TARGETS[name]
+        shown = "-" if value is None else (f"{value:.1%}" if "MFU" in name else f"{value:.2f}")
+        if name == "estimator error" and value is not None:
+            shown = f"{value:+.1%} (largest)"
+        goal = {">=": "≥ ", "<=": "≤ ", "|x|<=": "within ±"}[op]
+        goal += f"{bound:.0%}" if "MFU" in name or op == "|x|<=" else f"{bound}"
+        lines.append(f"| {name} | {shown} | {goal} | {_met(name, value)} |")
+    return "\n".join(lines)
+
+
+def _write_csv(rows: Sequence[dict], path: Path) -> None:
+    """One CSV line per workload with every scalar measurement."""
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: Sequence[dict]):
+    """Tokens/s and MFU per workload beside measured vs estimated peak memory; the figure."""
+    import matplotlib.pyplot as plt
+
+    names = [row["workload"] for row in rows]
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.6))
+    bars = speed.bar(names, [row["tokens_per_second"] for row in rows], color="tab:blue")
+    for bar, row in zip(bars, rows, strict=True):
+        speed.annotate(
+            f"MFU {row['mfu']:.0%}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    speed.set_ylabel("training tokens / s")
+    speed.set_title("speed (higher is better)")
+    with_memory = [row for row in rows if row.get("peak_memory")]
+    x = range(len(with_memory))
+    memory.bar(
+        [i - 0.2 for i in x], [r["peak_memory"] / MB for r in with_memory], 0.4, label="measured"
+    )
+    memory.bar(
+        [i + 0.2 for i in x],
+        [r["estimated_memory"] / MB for r in with_memory],
+        0.4,
+        label="estimated",
+    )
+    memory.set_xticks(list(x), [r["workload"] for r in with_memory])
+    memory.set_ylabel("peak training memory (MB)")
+    memory.set_title("memory (lower is better)")
+    memory.legend()
+    for ax in (speed, memory):
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def run(
+    workloads: Sequence[str] = WORKLOADS,
+    *,
+    out: str | os.PathLike = "bench/results",
+    model: str = "smollm2",
+    steps: int | None = None,
+    batch: int = 8,
+    seq_len: int = 128,
+    lora_r: int = 16,
+    progress: bool = True,
+) -> list[dict]:
+    """Measure each workload in its own subprocess; write train.md/.csv/.png under `out`.
+
+    ``steps`` defaults to 6 (4 under COURSE_PROFILE=ci). Returns the rows (with MFU and the
+    estimator's number added).
+    """
+    workloads = _check_workloads(workloads)
+    steps = env.by_profile(full=6, ci=4) if steps is None else steps
+    _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rate = matmul_rate()
+    if progress:
+        print(f"[bench] fp32 matmul rate on this machine: {rate / 1e9:.1f} GFLOP/s")
+    rows = []
+    for workload in workloads:
+        if progress:
+            print(
+                f"[bench] {workload}: {steps} steps of {batch} x {seq_len} tokens ...", flush=True
+            )
+        measured = measure_workload(
+            workload, model=model, steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r
+        )
+        rows.append(_with_derived(measured, rate))
+        if progress:
+            row = rows[-1]
+            print(
+                f"[bench] {workload}: {row['seconds_per_step']:.2f} s/step, "
+                f"{row['tokens_per_second']:.0f} tokens/s, MFU {row['mfu']:.0%} "
+                f"({row['seconds']:.0f} s)",
+                flush=True,
+            )
+    info = machine()
+    table = format_table(rows, info)
+    (folder / "train.md").write_text(
+        "# make bench: training speed and memory\n\n" + table + "\n", encoding="utf-8"
+    )
+    _write_csv(rows, folder / "train.csv")
+    (folder / "train.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    import matplotlib.pyplot as plt
+
+    figure = plot(rows)
+    figure.savefig(folder / "train.png", dpi=110)
+    plt.close(figure)
+    if progress:
+        print()
+        print(table)
+        print(
+            f"\nwrote {folder}/train.md, train.csv, train.png ({time.perf_counter() - started:.0f} s)"
+        )
+    return rows
