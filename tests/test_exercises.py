@@ -29,7 +29,15 @@ def _nbgrader(cell) -> dict:
     return cell.metadata.get("nbgrader", {})
 
 
-ASSIGNMENTS = ("01_why_finetune", "02_lora_math", "03_quantization", "04_data_preparation")
+ASSIGNMENTS = (
+    "01_why_finetune",
+    "02_lora_math",
+    "03_quantization",
+    "04_data_preparation",
+    "05_lora_lab",
+    "06_qlora_lab",
+    "07_full_finetuning_lab",
+)
 
 
 def test_the_assignments_exist_with_their_student_versions():
