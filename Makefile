@@ -69,7 +69,10 @@ timings: model
 # then the memory estimator against a hand-written training step. Not part of `make test`.
 bench: model
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --out bench/results
-	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench memory --json bench/results/memory.json
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --data chat \
+		--out bench/results
+	set -o pipefail; HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench memory \
+		--json bench/results/memory.json | tee bench/results/memory.txt
 
 # Graded exercises (nbgrader, configured in course_utils/grading.py); never edit exercises/ by hand.
 exercises: setup

@@ -701,6 +701,7 @@ def _workload_parser() -> argparse.ArgumentParser:
     for name, default in (("steps", 6), ("batch", 8), ("seq-len", 128), ("lora-r", 16)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--data", choices=("blocks", "chat"), default="blocks")
     return parser
 
 
@@ -722,6 +723,7 @@ def _train_main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--data", choices=bench_training.DATA, default="blocks")
     args = parser.parse_args(argv)
     bench_training.run(
         args.workloads,
@@ -730,6 +732,7 @@ def _train_main(argv: list[str]) -> int:
         steps=args.steps,
         batch=args.batch,
         seq_len=args.seq_len,
+        data=args.data,
     )
     return 0
 

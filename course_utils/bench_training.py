@@ -47,6 +47,7 @@ import torch
 from . import env
 
 __all__ = [
+    "DATA",
     "TARGETS",
     "WORKLOADS",
     "flops_per_token",
@@ -60,6 +61,9 @@ __all__ = [
 
 #: The four workloads: the course path for each method, and LoRA through plain Trainer + PEFT.
 WORKLOADS = ("course-full", "course-lora", "course-qlora", "trainer-lora")
+#: The data every workload trains on: ``blocks`` of the Python reference (every token labelled,
+#: no padding) or ``chat``, the labs' rentals examples (assistant-only labels, padded per batch).
+DATA = ("blocks", "chat")
 #: What the issue asks of this CPU: speed ratio, MFU and memory ratios (see `summarise`).
 TARGETS = {
     "course / trainer speed": (">=", 1.0),
@@ -121,6 +125,23 @@ def _blocks(tokenizer, n_blocks: int, seq_len: int):
     return Dataset.from_dict({key: rows[:n_blocks] for key, rows in blocks.items()})
 
 
+def _chat(tokenizer, n_examples: int):
+    """A Dataset of the first `n_examples` rentals chat examples, assistant-only labels."""
+    from . import data, train
+
+    examples = data.load_instruction_task("train")
+    if len(examples) < n_examples:
+        raise ValueError(f"the rentals task has {len(examples)} examples, fewer than {n_examples}.")
+    return train.chat_dataset(tokenizer, examples[:n_examples])
+
+
+def _check_data(kind: object) -> str:
+    """Return `kind` if it is one of DATA, else raise."""
+    if kind not in DATA:
+        raise ValueError(f"data must be one of {list(DATA)}, got {kind!r}.")
+    return kind  # type: ignore[return-value]
+
+
 def _load(model_name: str, method: str, tokenizer, device: torch.device):
     """The base model for a method: SmolLM2 from the course cache or the tiny random Llama."""
     quantize = method == "qlora"
@@ -147,12 +168,15 @@ def _step_timer(step_seconds: list[float]):
     return StepTimer()
 
 
-def _plain_trainer_lora(model, dataset, steps: int, batch: int, lora_r: int, lr: float) -> dict:
+def _plain_trainer_lora(
+    model, tokenizer, dataset, steps: int, batch: int, lora_r: int, lr: float
+) -> dict:
     """LoRA through plain transformers.Trainer + PEFT (no TRL): the reference path."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
+    from . import data
     from .memory import LLAMA_LINEAR_LAYERS
 
     config = LoraConfig(
@@ -187,7 +211,8 @@ def _plain_trainer_lora(model, dataset, steps: int, batch: int, lora_r: int, lr:
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=default_data_collator,
+            # blocks are all one length; chat examples are padded per batch (labels with -100)
+            data_collator=data.make_collator(tokenizer.pad_token_id),
             callbacks=[_step_timer(step_seconds)],
         )
         trainer.remove_callback(PrinterCallback)  # the log dicts, printed (the course path too)
@@ -243,11 +268,13 @@ def run_workload(
     lora_r: int = 16,
     learning_rate: float = 1e-4,
     device: str | None = None,
+    data: str = "blocks",
 ) -> dict:
     """Run one workload in this process and return its measurements (a JSON-able dict)."""
     from . import assets
 
     workload = _check_workloads([workload])[0]
+    data = _check_data(data)
     _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
     if model not in ("smollm2", "tiny"):
         raise ValueError(f"model must be 'smollm2' or 'tiny', got {model!r}.")
@@ -256,12 +283,17 @@ def run_workload(
     where = env.pick_device(device)
     env.seed_everything(0)
     tokenizer = assets.load_tokenizer()
-    dataset = _blocks(tokenizer, steps * batch, seq_len)
+    if data == "blocks":
+        dataset = _blocks(tokenizer, steps * batch, seq_len)
+    else:
+        dataset = _chat(tokenizer, steps * batch)
+    # one epoch exactly, same seed: both paths see the same batches in the same order
+    tokens_per_step = sum(len(ids) for ids in dataset["input_ids"]) / steps
     base = _load(model, method, tokenizer, where)
     if path == "course":
         out = _course_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate)
     else:
-        out = _plain_trainer_lora(base, dataset, steps, batch, lora_r, learning_rate)
+        out = _plain_trainer_lora(base, tokenizer, dataset, steps, batch, lora_r, learning_rate)
     trained = out.pop("model")
     config = trained.config.to_dict()
     from .bench import _CONFIG_KEYS
@@ -278,11 +310,12 @@ def run_workload(
         "dtype": str(next(p for p in trained.parameters() if p.is_floating_point()).dtype)[6:],
         "steps": steps,
         "batch": batch,
-        "seq_len": seq_len,
+        "data": data,
+        "seq_len": seq_len if data == "blocks" else None,
         "lora_r": lora_r,
-        "tokens_per_step": batch * seq_len,
+        "tokens_per_step": tokens_per_step,
         "seconds_per_step": per_step,
-        "tokens_per_second": batch * seq_len / per_step,
+        "tokens_per_second": tokens_per_step / per_step,
         "timed_steps": len(timed),
         "config": {key: config.get(key) for key in _CONFIG_KEYS},
         "seconds": time.perf_counter() - started,
@@ -368,7 +401,7 @@ def _with_derived(row: dict, rate: float) -> dict:
     per_token = flops_per_token(row["method"], row["total_params"], row["trainable_params"])
     row = {**row, "flops_per_token": per_token, "matmul_rate": rate}
     row["mfu"] = per_token * row["tokens_per_second"] / rate
-    if row["peak_memory"]:
+    if row["peak_memory"] and row["seq_len"]:  # chat batches vary in length: not estimated
         row["estimated_memory"] = _estimate(row)
         row["estimator_error"] = row["estimated_memory"] / row["peak_memory"] - 1
     else:
@@ -472,12 +505,18 @@ def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
     if info:
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".")
         lines.append("")
+    if first["seq_len"]:
+        tokens = f"{first['seq_len']} tokens of the Python reference (no padding, all labelled)"
+    else:
+        tokens = (
+            f"rentals chat examples (mean {first['tokens_per_step']:.0f} tokens per step, "
+            "padded per batch, assistant-only labels; memory not estimated)"
+        )
     lines.append(
         f"Model {first['model']}, {first['device']} {first['dtype']}, batch {first['batch']} x "
-        f"{first['seq_len']} tokens of the Python reference (no padding), LoRA r={first['lora_r']}"
-        f" alpha={2 * first['lora_r']} on all linear layers, AdamW; median of "
-        f"{first['timed_steps']} timed steps of {first['steps']}; fp32 matmul rate measured in "
-        f"this run: {first['matmul_rate'] / 1e9:.1f} GFLOP/s."
+        f"{tokens}, LoRA r={first['lora_r']} alpha={2 * first['lora_r']} on all linear layers, "
+        f"AdamW; median of {first['timed_steps']} timed steps of {first['steps']}; fp32 matmul "
+        f"rate measured in this run: {first['matmul_rate'] / 1e9:.1f} GFLOP/s."
     )
     lines.append("")
     lines.append("| " + " | ".join(title for _, title, _ in _COLUMNS) + " |")
@@ -553,14 +592,18 @@ def run(
     batch: int = 8,
     seq_len: int = 128,
     lora_r: int = 16,
+    data: str = "blocks",
     progress: bool = True,
 ) -> list[dict]:
     """Measure each workload in its own subprocess; write train.md/.csv/.png under `out`.
 
-    ``steps`` defaults to 6 (4 under COURSE_PROFILE=ci). Returns the rows (with MFU and the
-    estimator's number added).
+    ``steps`` defaults to 6 (4 under COURSE_PROFILE=ci); ``data="chat"`` trains on the labs'
+    chat examples and writes ``train-chat.*``. Returns the rows (with MFU and the estimator's
+    number added).
     """
     workloads = _check_workloads(workloads)
+    data = _check_data(data)
+    name = "train" if data == "blocks" else "train-chat"
     steps = env.by_profile(full=6, ci=4) if steps is None else steps
     _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
     folder = Path(out)
@@ -576,7 +619,13 @@ def run(
                 f"[bench] {workload}: {steps} steps of {batch} x {seq_len} tokens ...", flush=True
             )
         measured = measure_workload(
-            workload, model=model, steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r
+            workload,
+            model=model,
+            steps=steps,
+            batch=batch,
+            seq_len=seq_len,
+            lora_r=lora_r,
+            data=data,
         )
         rows.append(_with_derived(measured, rate))
         if progress:
@@ -589,20 +638,20 @@ def run(
             )
     info = machine()
     table = format_table(rows, info)
-    (folder / "train.md").write_text(
+    (folder / f"{name}.md").write_text(
         "# make bench: training speed and memory\n\n" + table + "\n", encoding="utf-8"
     )
-    _write_csv(rows, folder / "train.csv")
-    (folder / "train.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    _write_csv(rows, folder / f"{name}.csv")
+    (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     import matplotlib.pyplot as plt
 
     figure = plot(rows)
-    figure.savefig(folder / "train.png", dpi=110)
+    figure.savefig(folder / f"{name}.png", dpi=110)
     plt.close(figure)
     if progress:
         print()
         print(table)
         print(
-            f"\nwrote {folder}/train.md, train.csv, train.png ({time.perf_counter() - started:.0f} s)"
+            f"\nwrote {folder}/{name}.md, .csv, .json, .png ({time.perf_counter() - started:.0f} s)"
         )
     return rows

@@ -173,3 +173,20 @@ def test_format_table_rejects_rows_that_are_not_from_run():
         bench_training.format_table([])
     with pytest.raises(TypeError, match="workload"):
         bench_training.format_table([{"method": "lora"}])
+
+
+def test_chat_data_gives_both_paths_the_same_examples_and_skips_the_estimator():
+    rows = [
+        bench_training.run_workload(w, model="tiny", steps=2, batch=2, data="chat")
+        for w in ("course-lora", "trainer-lora")
+    ]
+    course, plain = (bench_training._with_derived(row, 1e10) for row in rows)
+    assert course["tokens_per_step"] == plain["tokens_per_step"] > 0  # padding not counted
+    assert course["seq_len"] is None and course["data"] == "chat"
+    assert course["peak_memory"] > 0 and course["estimated_memory"] is None
+    assert "rentals chat examples" in bench_training.format_table([course, plain])
+
+
+def test_unknown_data_is_rejected():
+    with pytest.raises(ValueError, match="data must be one of"):
+        bench_training.run_workload("course-lora", model="tiny", data="wikitext")
