@@ -505,11 +505,12 @@ def measure_training_step(
     )
 
 
-def run_child(argv: list[str], *, timeout: float, what: str) -> dict:
+def run_child(argv: list[str], *, timeout: float, what: str, fixed_mmap: bool = True) -> dict:
     """Run ``python -m course_utils.bench ARGV`` in a fresh subprocess; return its result dict.
 
     The child prints one ``BENCH_RESULT {json}`` line; a failure or a timeout raises with the
-    command to run by hand and the last lines it printed.
+    command to run by hand and the last lines it printed. ``fixed_mmap`` sets glibc's mmap
+    threshold (for the memory bench's RSS column; it slows training down).
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
@@ -518,7 +519,10 @@ def run_child(argv: list[str], *, timeout: float, what: str) -> dict:
     # glibc keeps freed blocks below its (self-raising) mmap threshold for re-use, so RSS would
     # stay up after activations are freed; a fixed threshold hands big blocks back at once and
     # makes the RSS column an independent upper bound of the allocator's count
-    child_env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    if fixed_mmap:
+        child_env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    else:
+        child_env.pop("MALLOC_MMAP_THRESHOLD_", None)
     root = str(Path(__file__).resolve().parent.parent)  # importable without being installed
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     shown = "python " + " ".join(command[1:])

@@ -185,6 +185,7 @@ def test_chat_data_gives_both_paths_the_same_examples_and_skips_the_estimator():
     assert course["seq_len"] is None and course["data"] == "chat"
     assert course["peak_memory"] > 0 and course["estimated_memory"] is None
     assert "rentals chat examples" in bench_training.format_table([course, plain])
+    bench_training.plot([course, plain])  # measured bars only, no estimated ones
 
 
 def test_unknown_data_is_rejected():
