@@ -697,7 +697,7 @@ def _step_parser() -> argparse.ArgumentParser:
 
 def _workload_parser() -> argparse.ArgumentParser:
     """Arguments of the internal ``_workload`` subcommand (one training workload, JSON out)."""
-    from .bench_training import WORKLOADS
+    from .bench_training import DATA, WORKLOADS
 
     parser = argparse.ArgumentParser(prog="python -m course_utils.bench _workload")
     parser.add_argument("workload", choices=WORKLOADS)
@@ -705,7 +705,7 @@ def _workload_parser() -> argparse.ArgumentParser:
     for name, default in (("steps", 6), ("batch", 8), ("seq-len", 128), ("lora-r", 16)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--data", choices=("blocks", "chat"), default="blocks")
+    parser.add_argument("--data", choices=DATA, default="blocks")
     return parser
 
 

@@ -176,7 +176,7 @@ def _plain_trainer_lora(
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from . import data
+    from . import data, train
     from .memory import LLAMA_LINEAR_LAYERS
 
     config = LoraConfig(
@@ -188,8 +188,6 @@ def _plain_trainer_lora(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    dtype = env.default_dtype("cuda") if on_cuda else torch.float32
     step_seconds: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
@@ -202,10 +200,9 @@ def _plain_trainer_lora(
             logging_steps=1,
             save_strategy="no",
             report_to="none",
-            dataloader_pin_memory=on_cuda,
+            dataloader_pin_memory=train._on_cuda(model),
             disable_tqdm=True,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
+            **train._precision_flags(model),  # the same mixed precision as the course path
         )
         trainer = Trainer(
             model=model,
@@ -218,8 +215,7 @@ def _plain_trainer_lora(
         trainer.remove_callback(PrinterCallback)  # the log dicts, printed (the course path too)
         trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = train.count_parameters(model)
     return {
         "step_seconds": step_seconds,
         "losses": losses,
@@ -276,8 +272,10 @@ def run_workload(
     workload = _check_workloads([workload])[0]
     data = _check_data(data)
     _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
-    if model not in ("smollm2", "tiny"):
-        raise ValueError(f"model must be 'smollm2' or 'tiny', got {model!r}.")
+    from .bench import MODELS
+
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
     started = time.perf_counter()
     path, method = workload.split("-")
     where = env.pick_device(device)
