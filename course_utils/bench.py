@@ -704,6 +704,7 @@ def _workload_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     for name, default in (("steps", 6), ("batch", 8), ("seq-len", 128), ("lora-r", 16)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", choices=DATA, default="blocks")
     return parser

@@ -9,7 +9,10 @@ step sees exactly ``batch x seq_len`` real tokens and no padding. The workloads:
   ``train.prepare_model`` + ``train.train`` (TRL's ``SFTTrainer``), LoRA r=16 on every linear
   layer, QLoRA on the NF4 model with gradient checkpointing;
 * ``trainer-lora``: the same LoRA workload through plain ``transformers.Trainer`` + PEFT, the
-  reference the course path must not be slower than.
+  reference the course path must not be slower than;
+* ``unsloth-lora``: the same LoRA through Unsloth (``FastLanguageModel``, lab 08) and
+  ``train.train`` with the plain loss Unsloth replaces by its chunked one; on a CPU that is
+  Unsloth's CPU fallback, on a GPU its Triton kernels.
 
 What each number means
 ----------------------
@@ -59,8 +62,9 @@ __all__ = [
     "summarise",
 ]
 
-#: The four workloads: the course path for each method, and LoRA through plain Trainer + PEFT.
-WORKLOADS = ("course-full", "course-lora", "course-qlora", "trainer-lora")
+#: The workloads: the course path for each method, LoRA through plain Trainer + PEFT, and
+#: LoRA through Unsloth.
+WORKLOADS = ("course-full", "course-lora", "course-qlora", "trainer-lora", "unsloth-lora")
 #: The data every workload trains on: ``blocks`` of the Python reference (every token labelled,
 #: no padding) or ``chat``, the labs' rentals examples (assistant-only labels, padded per batch).
 DATA = ("blocks", "chat")
@@ -142,9 +146,11 @@ def _check_data(kind: object) -> str:
     return kind  # type: ignore[return-value]
 
 
-def _load(model_name: str, method: str, tokenizer, device: torch.device):
+def _load(model_name: str, method: str, tokenizer, device: torch.device, path: str = "course"):
     """The base model for a method: SmolLM2 from the course cache or the tiny random Llama."""
     quantize = method == "qlora"
+    if path == "unsloth":
+        return _load_with_unsloth(model_name, tokenizer)
     if model_name == "tiny":
         from .bench import _tiny_model
 
@@ -152,6 +158,57 @@ def _load(model_name: str, method: str, tokenizer, device: torch.device):
     from .assets import load_model
 
     return load_model(device=device, quantization="nf4" if quantize else None, verbose=False)
+
+
+_TINY_FOLDERS: list[tempfile.TemporaryDirectory] = []  # alive until the process ends
+
+
+def _load_with_unsloth(model_name: str, tokenizer):
+    """The base model loaded by Unsloth's FastLanguageModel (the tiny Llama via a saved folder)."""
+    from . import unsloth_backend
+
+    unsloth_backend.import_unsloth()  # before the model exists, as Unsloth asks
+    location = None
+    if model_name == "tiny":
+        from .bench import _tiny_model
+
+        folder = tempfile.TemporaryDirectory()
+        _TINY_FOLDERS.append(folder)
+        tiny = _tiny_model(torch.float32, torch.device("cpu"), False, vocab_size=len(tokenizer))
+        tiny.save_pretrained(folder.name)
+        tokenizer.save_pretrained(folder.name)
+        location = folder.name
+    model, _ = unsloth_backend.load_model(location)
+    return model
+
+
+def _unsloth_path(model, tokenizer, dataset, steps, batch, lora_r, lr) -> dict:
+    """LoRA through Unsloth's get_peft_model and train.train with the loss Unsloth chunks."""
+    from . import train, unsloth_backend
+
+    model = unsloth_backend.get_peft_model(model, r=lora_r)
+    result = train.train(
+        model,
+        tokenizer,
+        dataset,
+        method="lora",
+        steps=steps,
+        batch_size=batch,
+        learning_rate=lr,
+        live_plot=False,
+        measure_memory=True,
+        progress_bar=False,
+        loss_type="nll",
+    )
+    return {
+        "step_seconds": result.step_seconds,
+        "losses": result.losses,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "peak_memory": result.peak_memory,
+        "backend": unsloth_backend.describe(model),
+        "model": model,
+    }
 
 
 def _step_timer(step_seconds: list[float]):
@@ -287,9 +344,11 @@ def run_workload(
         dataset = _chat(tokenizer, steps * batch)
     # one epoch exactly, same seed: both paths see the same batches in the same order
     tokens_per_step = sum(len(ids) for ids in dataset["input_ids"]) / steps
-    base = _load(model, method, tokenizer, where)
+    base = _load(model, method, tokenizer, where, path)
     if path == "course":
         out = _course_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate)
+    elif path == "unsloth":
+        out = _unsloth_path(base, tokenizer, dataset, steps, batch, lora_r, learning_rate)
     else:
         out = _plain_trainer_lora(base, tokenizer, dataset, steps, batch, lora_r, learning_rate)
     trained = out.pop("model")
@@ -532,6 +591,15 @@ def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
         goal = {">=": "≥ ", "<=": "≤ ", "|x|<=": "within ±"}[op]
         goal += f"{bound:.0%}" if "MFU" in name or op == "|x|<=" else f"{bound}"
         lines.append(f"| {name} | {shown} | {goal} | {_met(name, value)} |")
+    by = {row["workload"]: row for row in rows}
+    if "unsloth-lora" in by and "course-lora" in by:
+        unsloth, course = by["unsloth-lora"], by["course-lora"]
+        lines += [
+            "",
+            f"Unsloth / course LoRA speed: "
+            f"{unsloth['tokens_per_second'] / course['tokens_per_second']:.2f} (no target: "
+            f"reported as measured). {unsloth.get('backend', '')}",
+        ]
     return "\n".join(lines)
 
 

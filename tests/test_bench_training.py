@@ -13,7 +13,7 @@ import pytest
 from course_utils import bench_training, memory
 
 MB = 2**20
-WORKLOADS = ["course-full", "course-lora", "trainer-lora"]
+WORKLOADS = ["course-full", "course-lora", "trainer-lora", "unsloth-lora"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,20 @@ def test_trainable_parameters_are_what_each_method_trains(bench_run):
         {k: v for k, v in lora["config"].items() if v is not None}, r=16
     )
     assert lora["trainable_params"] == plain["trainable_params"] == expected
+    assert by["unsloth-lora"]["trainable_params"] == expected
+
+
+def test_unsloth_trains_the_same_model_on_the_same_loss_and_says_which_backend(bench_run):
+    _, rows = bench_run
+    by = {row["workload"]: row for row in rows}
+    course, unsloth = by["course-lora"], by["unsloth-lora"]
+    # B starts at zero, so step 1 is the base model's loss on the same batch, whoever computes it
+    assert unsloth["losses"][0] == pytest.approx(course["losses"][0], rel=1e-4)
+    assert unsloth["losses"][-1] < unsloth["losses"][0]
+    assert unsloth["peak_memory"] > 0 and unsloth["dtype"] == course["dtype"]
+    on_cpu = course["device"] == "cpu"
+    assert ("CPU fallback" in unsloth["backend"]) == on_cpu, unsloth["backend"]
+    assert not on_cpu or "chunked CE on" in unsloth["backend"]
 
 
 def test_mfu_is_model_flops_over_the_measured_matmul_rate(bench_run):
@@ -80,6 +94,7 @@ def test_the_report_files_hold_the_table_the_csv_and_the_plot(bench_run):
     for target in bench_training.TARGETS:
         assert f"| {target} |" in table
     assert "| peak qlora / lora | - |" in table  # qlora was not run: not measured, not faked
+    assert "Unsloth / course LoRA speed: " in table and "Unsloth 20" in table
     assert "Machine: cpu " in table
     with open(out / "train.csv") as handle:
         lines = list(csv.DictReader(handle))
