@@ -42,6 +42,8 @@ __all__ = [
 
 #: The fine-tuning methods `prepare_model` and `train` know.
 METHODS = ("full", "lora", "qlora")
+#: The losses `train` can ask TRL for (None: TRL's default, chunked_nll).
+LOSS_TYPES = (None, "nll", "chunked_nll")
 MB = 2**20
 
 
@@ -390,12 +392,19 @@ def train(
     measure_memory: bool = False,
     progress_bar: bool = True,
     output_dir: str | os.PathLike | None = None,
+    loss_type: str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train a prepared model (`prepare_model`) for `steps` optimizer steps with TRL's SFTTrainer.
 
     `examples` is a list of chat examples (tokenized here with assistant-only labels) or a
     ``datasets.Dataset`` with ``input_ids`` and ``labels`` (e.g. blocks of text for causal LM).
-    Returns a `TrainResult`; the model is trained in place.
+    Returns a `TrainResult`; the model is trained in place. `loss_type` is passed to TRL
+    (None keeps TRL's default, ``"chunked_nll"``; ``"nll"`` is the plain cross-entropy, which
+    Unsloth's CPU backend replaces with its own chunked one, lab 08).
+    `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
+    rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -406,6 +415,9 @@ def train(
     learning_rate = _positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an integer >= 0 (got {warmup_steps!r}).")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES} (got {loss_type!r}).")
+    callbacks = _check_extras(optimizer, callbacks)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise ValueError(
@@ -448,6 +460,7 @@ def train(
             disable_tqdm=not progress_bar,
             gradient_checkpointing=False,  # prepare_model decided already
             include_num_input_tokens_seen="non_padding",
+            **({} if loss_type is None else {"loss_type": loss_type}),
             **_precision_flags(model),
         )
         trainer = SFTTrainer(
@@ -455,7 +468,8 @@ def train(
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=_callbacks(result, live_plot, measure_memory, model),
+            callbacks=_callbacks(result, live_plot, measure_memory, model) + callbacks,
+            **({} if optimizer is None else {"optimizers": (optimizer, None)}),
         )
         trainer.remove_callback(_printer_callback())
         started = time.perf_counter()
@@ -464,6 +478,22 @@ def train(
         result.tokens = int(trainer.state.num_input_tokens_seen)
     model.eval()
     return result
+
+
+def _check_extras(optimizer: object, callbacks: object) -> list:
+    """Return `callbacks` as a list if it holds TrainerCallbacks and `optimizer` is one, else raise."""
+    from transformers import TrainerCallback
+
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None (got {type(optimizer).__name__}); "
+            "build it for this model, e.g. methods.make_optimizer('lora+', model)."
+        )
+    if isinstance(callbacks, TrainerCallback) or not isinstance(callbacks, Sequence):
+        raise TypeError("callbacks must be a list of TrainerCallback objects, e.g. [MyCallback()].")
+    if not all(isinstance(c, TrainerCallback) for c in callbacks):
+        raise TypeError("every entry of callbacks must be a transformers TrainerCallback instance.")
+    return list(callbacks)
 
 
 def _printer_callback():

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from course_utils import assets, data, evaluate, memory, train
+from course_utils import assets, data, env, evaluate, memory, train
 
 TINY = {
     "hidden_size": 64,
@@ -207,6 +207,68 @@ def test_train_rejects_bad_budgets_and_untrainable_models(tokenizer, examples):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="prepare_model"):
         train.train(frozen, tokenizer, examples, method="full", steps=1)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        train.train(model, tokenizer, examples, method="lora", steps=1, loss_type="dft")
+
+
+def test_the_plain_and_the_chunked_loss_give_the_same_first_loss(tokenizer, examples):
+    """TRL's chunked_nll (the default) and plain nll compute one cross-entropy, two ways."""
+    firsts = {}
+    for loss_type in (None, "nll"):
+        env.seed_everything(0)
+        model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+        run = train.train(
+            model,
+            tokenizer,
+            examples,
+            method="lora",
+            steps=2,
+            batch_size=4,
+            progress_bar=False,
+            loss_type=loss_type,
+        )
+        firsts[loss_type] = run.first_loss
+    assert firsts["nll"] == pytest.approx(firsts[None], rel=1e-4)
+
+
+def test_train_uses_the_given_optimizer_and_runs_extra_callbacks(tokenizer, examples):
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    counter = CountSteps()
+    # SGD at learning rate 0 moves nothing; the trainer's own AdamW at 1e-2 would.
+    frozen_sgd = torch.optim.SGD(trainable, lr=0.0)
+    train.train(
+        model,
+        tokenizer,
+        examples,
+        method="lora",
+        steps=3,
+        batch_size=4,
+        learning_rate=1e-2,
+        progress_bar=False,
+        optimizer=frozen_sgd,
+        callbacks=[counter],
+    )
+    assert counter.steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable))
+
+
+def test_train_rejects_a_bad_optimizer_or_callbacks(tokenizer, examples):
+    model = train.prepare_model(tiny_model(tokenizer), "lora")
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        train.train(model, tokenizer, examples, method="lora", steps=1, optimizer="adamw")
+    with pytest.raises(TypeError, match="TrainerCallback"):
+        train.train(model, tokenizer, examples, method="lora", steps=1, callbacks=[print])
 
 
 # ------------------------------------------------------------------------------ evaluate
