@@ -60,7 +60,7 @@ lint: setup
 
 test: model browser lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks solutions \
-		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) $(PYTEST_ARGS)
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 $(PYTEST_ARGS)
 
 timings: model
 	$(BIN)/python -m course_utils.course_map --measure notebooks/*.ipynb

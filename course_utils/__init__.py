@@ -14,7 +14,13 @@ One module per idea, each read by the lesson that teaches it:
 - ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (04)
 - ``train``      LoRA, QLoRA and full fine-tuning through TRL's SFTTrainer, measured   (05-07)
 - ``evaluate``   task scores, perplexity and forgetting, logit equality, sizes on disk (05-07)
+- ``unsloth_backend``  the course model through Unsloth, and which backend it ran on       (08)
+- ``methods``    the LoRA zoo behind one name: rsLoRA, DoRA, VeRA, LoRA+, LoRA-FA, PiSSA   (09)
+- ``delta_lora`` Delta-LoRA (not in PEFT) on top of ``lora``                              (09)
+- ``preference`` preference pairs, DPO's implicit reward and margin, TRL's DPOTrainer     (10)
+- ``deploy``     generation speed, GGUF export and reload                                 (11)
 - ``bench``      the memory estimator measured against real training steps (`make bench`)
+- ``bench_training``  speed, MFU and peak memory of every method side by side (`make bench`)
 - ``grading``    nbgrader exercises and batch grading (`make exercises`, `make grade`)
 """
 

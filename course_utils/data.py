@@ -860,16 +860,19 @@ def _file_digest(path: Path) -> str:
 
 
 def write_datasets(folder: str | Path = DATA_DIR, seed: int = SEED) -> dict[str, Any]:
-    """Regenerate the rentals and stdlib_docs JSONL files in `folder` and their manifest."""
+    """Regenerate the rentals, stdlib_docs and rentals_preference JSONL files and their manifest."""
+    from .preference import write_preference_files  # lesson 10's pairs, made from the rentals
+
     folder = Path(folder)
     files = {}
-    for stem, splits in (
-        ("rentals", build_instruction_task(seed)),
-        ("stdlib_docs", build_classification_task(seed)),
-    ):
+    rentals = build_instruction_task(seed)
+    for stem, splits in (("rentals", rentals), ("stdlib_docs", build_classification_task(seed))):
         for split, examples in splits.items():
             path = write_jsonl(folder / f"{stem}_{split}.jsonl", examples)
             files[path.name] = {"examples": len(examples), "sha256": _file_digest(path)}
+    for name, path in write_preference_files(folder, seed, rentals).items():
+        lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        files[name] = {"examples": lines, "sha256": _file_digest(path)}
     manifest = {
         "seed": seed,
         "stdlib_docs_python": f"{sys.version_info.major}.{sys.version_info.minor}",

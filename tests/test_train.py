@@ -8,31 +8,9 @@ import importlib.util
 
 import pytest
 import torch
+from tiny_llama import tiny_model
 
 from course_utils import assets, data, env, evaluate, memory, train
-
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return assets.load_tokenizer(source="offline")
-
-
-def tiny_model(tokenizer):
-    """A random 2-layer Llama with the course tokenizer's vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
