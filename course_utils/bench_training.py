@@ -184,31 +184,11 @@ def _load_with_unsloth(model_name: str, tokenizer):
 
 def _unsloth_path(model, tokenizer, dataset, steps, batch, lora_r, lr) -> dict:
     """LoRA through Unsloth's get_peft_model and train.train with the loss Unsloth chunks."""
-    from . import train, unsloth_backend
+    from . import unsloth_backend
 
     model = unsloth_backend.get_peft_model(model, r=lora_r)
-    result = train.train(
-        model,
-        tokenizer,
-        dataset,
-        method="lora",
-        steps=steps,
-        batch_size=batch,
-        learning_rate=lr,
-        live_plot=False,
-        measure_memory=True,
-        progress_bar=False,
-        loss_type="nll",
-    )
-    return {
-        "step_seconds": result.step_seconds,
-        "losses": result.losses,
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
-        "peak_memory": result.peak_memory,
-        "backend": unsloth_backend.describe(model),
-        "model": model,
-    }
+    out = _train_measured(model, tokenizer, dataset, "lora", steps, batch, lr, loss_type="nll")
+    return {**out, "backend": unsloth_backend.describe(model)}
 
 
 def _step_timer(step_seconds: list[float]):
@@ -283,12 +263,10 @@ def _plain_trainer_lora(
     }
 
 
-def _course_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr) -> dict:
-    """The labs' path: train.prepare_model + train.train (TRL SFTTrainer), memory measured."""
+def _train_measured(model, tokenizer, dataset, method, steps, batch, lr, loss_type=None) -> dict:
+    """train.train (TRL SFTTrainer) on a prepared model, memory measured; the bench's fields."""
     from . import train
 
-    lora = None if method == "full" else train.lora_config(r=lora_r)
-    model = train.prepare_model(model, method, lora=lora)
     result = train.train(
         model,
         tokenizer,
@@ -300,6 +278,7 @@ def _course_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr) ->
         live_plot=False,
         measure_memory=True,
         progress_bar=False,
+        loss_type=loss_type,
     )
     return {
         "step_seconds": result.step_seconds,
@@ -309,6 +288,15 @@ def _course_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr) ->
         "peak_memory": result.peak_memory,
         "model": model,
     }
+
+
+def _course_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr) -> dict:
+    """The labs' path: train.prepare_model + train.train (TRL SFTTrainer), memory measured."""
+    from . import train
+
+    lora = None if method == "full" else train.lora_config(r=lora_r)
+    model = train.prepare_model(model, method, lora=lora)
+    return _train_measured(model, tokenizer, dataset, method, steps, batch, lr)
 
 
 def run_workload(

@@ -31,7 +31,7 @@ import random
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,20 +103,35 @@ def read_jsonl(path: str | Path) -> list[Example]:
         raise FileNotFoundError(
             f"{path} does not exist; check the path or write it with write_jsonl."
         )
-    examples = []
+    return [
+        validate_example(example, where=f"{path}, line {number}")
+        for number, example in json_lines(path)
+    ]
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) of a JSONL file; a line that is not JSON raises."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) carry nothing
             try:
-                example = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as error:
                 raise JSONLFormatError(
                     f"{path}, line {number}: bad JSON ({error.msg} at column {error.colno}). "
                     "Fix that line: each line must be one complete JSON object."
                 ) from None
-            examples.append(validate_example(example, where=f"{path}, line {number}"))
-    return examples
+
+
+def write_json_lines(path: str | Path, rows: Sequence[Any]) -> Path:
+    """Write already checked rows to `path`, one JSON object per line (UTF-8, \\n endings)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def write_jsonl(path: str | Path, examples: Sequence[Example]) -> Path:
@@ -125,12 +140,7 @@ def write_jsonl(path: str | Path, examples: Sequence[Example]) -> Path:
         raise TypeError("examples must be a list of {'messages': [...]} dicts.")
     for index, example in enumerate(examples):
         validate_example(example, where=f"example {index}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for example in examples:
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-    return path
+    return write_json_lines(path, examples)
 
 
 def prompt_messages(example: Example) -> list[Message]:

@@ -202,12 +202,7 @@ def write_pairs(path: str | os.PathLike, pairs: Sequence[Pair]) -> Path:
         problem = pair_problem(pair)
         if problem is not None:
             raise ValueError(f"pair {index}: {problem}; build pairs with build_preference_pairs.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
-    return path
+    return data.write_json_lines(path, pairs)
 
 
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
@@ -216,15 +211,7 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; write it with write_pairs.")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            pair = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path}, line {number}: bad JSON ({error.msg}); fix that line."
-            ) from None
+    for number, pair in data.json_lines(path):
         problem = pair_problem(pair)
         if problem is not None:
             raise ValueError(f"{path}, line {number}: {problem}; fix or regenerate the file.")
