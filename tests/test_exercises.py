@@ -37,6 +37,7 @@ ASSIGNMENTS = (
     "05_lora_lab",
     "06_qlora_lab",
     "07_full_finetuning_lab",
+    "10_preference_tuning",
 )
 
 
