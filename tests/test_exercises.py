@@ -37,7 +37,10 @@ ASSIGNMENTS = (
     "05_lora_lab",
     "06_qlora_lab",
     "07_full_finetuning_lab",
+    "08_unsloth_lab",
+    "09_lora_zoo",
     "10_preference_tuning",
+    "11_merge_and_deploy",
 )
 
 
