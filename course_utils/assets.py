@@ -380,6 +380,37 @@ def load_model(
     return model
 
 
+#: The shape of the tiny random Llama the exercises and tests build in milliseconds: SmolLM2's
+#: architecture (grouped-query attention, tied embeddings) at 2 layers of width 64.
+TINY_LLAMA = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
+
+
+def tiny_llama(tokenizer=None, *, seed: int = 0, **overrides):
+    """A random Llama of TINY_LLAMA's shape, the same weights for a seed (training mode).
+
+    With `tokenizer` it takes the tokenizer's vocabulary and pad token; `overrides` change any
+    config field (``num_hidden_layers=3``, ``attention_bias=True``).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int (got {seed!r}).")
+    config = {**TINY_LLAMA, **overrides}
+    if tokenizer is not None:
+        config.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config["vocab_size"] = overrides.get("vocab_size", len(tokenizer))
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: `python -m course_utils.assets [--prepare] [NAME]` converts the offline copy."""
     import argparse

@@ -253,16 +253,15 @@ def _tiny_model(
     dtype: torch.dtype, device: torch.device, quantize: bool, vocab_size: int | None = None
 ):
     """A random 2-layer Llama, saved and loaded back like a real checkpoint (NF4 if asked)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    from course_utils.assets import nf4_config, tiny_llama
+
     config = dict(TINY_CONFIG, vocab_size=vocab_size or TINY_CONFIG["vocab_size"])
     with tempfile.TemporaryDirectory() as folder:
-        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder)
+        tiny_llama(**config).save_pretrained(folder)
         options: dict = {"dtype": dtype}
         if quantize:
-            from course_utils.assets import nf4_config
-
             options["quantization_config"] = nf4_config(dtype)
             options["device_map"] = {"": str(device)}
         model = AutoModelForCausalLM.from_pretrained(folder, **options)

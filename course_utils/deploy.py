@@ -192,6 +192,12 @@ def _check_export(model, tokenizer, path, dtype: str) -> Path:
         raise ValueError(
             f"dtype must be one of {GGUF_DTYPES} (got {dtype!r}); 'f16' halves the file."
         )
+    biased = [k for k in ("attention_bias", "mlp_bias") if getattr(model.config, k, False)]
+    if biased:
+        raise ValueError(
+            f"export_gguf writes Llamas without biases (this config sets {', '.join(biased)}); "
+            "use llama.cpp's convert_hf_to_gguf.py, which also permutes the q/k biases."
+        )
     if not getattr(tokenizer, "is_fast", False) or tokenizer.backend_tokenizer is None:
         raise TypeError(
             "tokenizer must be a fast (tokenizers) tokenizer; use assets.load_tokenizer()."

@@ -185,3 +185,18 @@ def test_nf4_model_is_4bit_and_still_answers(tokenizer, model):
 def test_command_line_prepares_the_copy(capsys):
     assert assets.main(["--prepare"]) == 0
     assert "offline copy of smollm2-135m-instruct ready" in capsys.readouterr().out
+
+
+def test_tiny_llama_is_reproducible_and_takes_the_tokenizer_vocabulary(tokenizer):
+    a, b = assets.tiny_llama(seed=3), assets.tiny_llama(seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.lm_head.weight, assets.tiny_llama(seed=4).lm_head.weight)
+    assert a.config.vocab_size == assets.TINY_LLAMA["vocab_size"] and a.training
+    course = assets.tiny_llama(tokenizer, num_hidden_layers=3, attention_bias=True)
+    assert course.config.vocab_size == len(tokenizer)
+    assert course.config.pad_token_id == tokenizer.pad_token_id
+    assert (
+        len(course.model.layers) == 3 and course.model.layers[0].self_attn.q_proj.bias is not None
+    )
+    with pytest.raises(TypeError, match="seed must be an int"):
+        assets.tiny_llama(seed="0")

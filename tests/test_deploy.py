@@ -154,6 +154,11 @@ def test_bad_arguments_say_what_to_do(tiny, tokenizer, exported, tmp_path):
     )
     with pytest.raises(ValueError, match="merge_and_unload"):
         deploy.export_gguf(wrapped, tokenizer, tmp_path / "x.gguf")
+    biased = _tiny_model(torch.float32, torch.device("cpu"), False, vocab_size=len(tokenizer))
+    biased.config.attention_bias = True  # q/k biases would need the rotary permutation too
+    with pytest.raises(ValueError, match="without biases"):
+        deploy.export_gguf(biased, tokenizer, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(TypeError, match="causal LM"):
         deploy.generate("not a model", tokenizer, "Hi")
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):

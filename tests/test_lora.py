@@ -8,8 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from course_utils import assets
 from course_utils.lora import (
     LoRALinear,
     copy_lora_weights_to_peft,
@@ -29,19 +30,14 @@ R, ALPHA = 4, 8
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer Llama built from a config, no download; eval mode, float32."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return assets.tiny_llama(
+        seed=seed,
         vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=64,
         tie_word_embeddings=False,
-    )
-    config._attn_implementation = "eager"
-    return LlamaForCausalLM(config).eval()
+        attn_implementation="eager",
+    ).eval()
 
 
 @pytest.fixture(scope="module")

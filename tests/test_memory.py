@@ -6,23 +6,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from course_utils import assets
 from course_utils import memory as M
 from course_utils.quant import double_quant_bits_per_param
 
 TINY = {
+    **assets.TINY_LLAMA,
     "vocab_size": 128,
-    "hidden_size": 64,
     "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "tie_word_embeddings": False,
 }
 
 
 def _tiny_model(**overrides):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
+    return assets.tiny_llama(**{**TINY, **overrides})
 
 
 # ------------------------------------------------------------------------------ the 16-byte rule

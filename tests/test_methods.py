@@ -7,15 +7,14 @@ optimizer against what the paper says it must do, so the lesson's table rests on
 import math
 
 import pytest
-import tiny_llama
 import torch
 
-from course_utils import data, delta_lora, methods, train
+from course_utils import assets, data, delta_lora, methods, train
 
 
 def tiny_model(tokenizer):
     """The tests' tiny Llama, with an MLP width unlike the attention's (shapes stay apart)."""
-    return tiny_llama.tiny_model(tokenizer, intermediate_size=96)
+    return assets.tiny_llama(tokenizer, intermediate_size=96)
 
 
 def trainable_names(model):

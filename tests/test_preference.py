@@ -10,9 +10,8 @@ import random
 
 import pytest
 import torch
-from tiny_llama import tiny_model
 
-from course_utils import data, preference, train
+from course_utils import assets, data, preference, train
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def hand_logp(model, tokenizer, pair, which):
 
 
 def test_completion_logps_match_a_token_by_token_computation(tokenizer, pairs):
-    model = tiny_model(tokenizer).eval()
+    model = assets.tiny_llama(tokenizer).eval()
     for which in ("chosen", "rejected"):
         batched = preference.completion_logps(
             model, tokenizer, [p["prompt"] for p in pairs], [p[which] for p in pairs], batch_size=4
@@ -165,7 +164,7 @@ def test_rewards_loss_and_a_policy_that_is_its_own_reference():
 
 
 def test_before_training_every_margin_is_zero_but_the_log_prob_preference_is_not(tokenizer, pairs):
-    model = tiny_model(tokenizer)
+    model = assets.tiny_llama(tokenizer)
     report = preference.preference_report(model, tokenizer, pairs, beta=0.1)
     assert torch.equal(report["margins"], torch.zeros(len(pairs)))
     assert report["accuracy"] == 0.0 and report["loss"] == pytest.approx(math.log(2))
@@ -175,7 +174,7 @@ def test_before_training_every_margin_is_zero_but_the_log_prob_preference_is_not
 
 
 def test_bad_arguments_are_refused(tokenizer, pairs):
-    model = tiny_model(tokenizer)
+    model = assets.tiny_llama(tokenizer)
     with pytest.raises(ValueError, match="pairs must be a non-empty list"):
         preference.preference_report(model, tokenizer, [])
     with pytest.raises(ValueError, match="beta must be a positive number"):
@@ -197,7 +196,7 @@ def test_margin_accuracy_and_loss_agree_with_trl_after_training(tokenizer, pairs
     pytest.importorskip("trl")
     train_pairs = preference.load_preference_pairs("train")[:8]
     trainer = preference.dpo_trainer(
-        tiny_model(tokenizer),
+        assets.tiny_llama(tokenizer),
         tokenizer,
         train_pairs,
         steps=3,
@@ -227,8 +226,10 @@ def test_margin_accuracy_and_loss_agree_with_trl_after_training(tokenizer, pairs
 
 
 def test_dpo_trainer_refuses_a_model_that_already_has_an_adapter(tokenizer, pairs):
-    peft_model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+    peft_model = train.prepare_model(
+        assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=4)
+    )
     with pytest.raises(ValueError, match="Pass the base model"):
         preference.dpo_trainer(peft_model, tokenizer, pairs, steps=1)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
-        preference.dpo_trainer(tiny_model(tokenizer), tokenizer, pairs, steps=0)
+        preference.dpo_trainer(assets.tiny_llama(tokenizer), tokenizer, pairs, steps=0)

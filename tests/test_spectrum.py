@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from course_utils import assets
 from course_utils.spectrum import (
     energy_captured,
     energy_curve,
@@ -148,17 +149,13 @@ class CharTokenizer:
 
 def tiny_llama() -> LlamaForCausalLM:
     """A 2-layer Llama with a 128-token vocabulary, built from a config."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return assets.tiny_llama(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+        tie_word_embeddings=False,
+    ).eval()
 
 
 TEXTS = ["the quick brown fox jumps over the lazy dog. " * 8, "abcabcabc " * 30]

@@ -8,7 +8,6 @@ import importlib.util
 
 import pytest
 import torch
-from tiny_llama import tiny_model
 
 from course_utils import assets, data, env, evaluate, memory, train
 
@@ -50,7 +49,7 @@ def test_lora_config_rejects_bad_arguments(kwargs, message):
 
 
 def test_prepare_model_lora_trains_exactly_the_formula(tokenizer):
-    model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+    model = train.prepare_model(assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=4))
     trainable, total = train.count_parameters(model)
     assert trainable == memory.lora_trainable_params(model.config, r=4, targets="all-linear")
     assert 0 < trainable < total
@@ -58,7 +57,7 @@ def test_prepare_model_lora_trains_exactly_the_formula(tokenizer):
 
 
 def test_prepare_model_full_trains_everything(tokenizer):
-    model = tiny_model(tokenizer)
+    model = assets.tiny_llama(tokenizer)
     for p in model.parameters():
         p.requires_grad_(False)
     model = train.prepare_model(model, "full")
@@ -68,10 +67,10 @@ def test_prepare_model_full_trains_everything(tokenizer):
 
 def test_prepare_model_rejects_unknown_methods_and_wrong_bases(tokenizer):
     with pytest.raises(ValueError, match="full, lora, qlora"):
-        train.prepare_model(tiny_model(tokenizer), "dora")
+        train.prepare_model(assets.tiny_llama(tokenizer), "dora")
     with pytest.raises(ValueError, match="quantization='nf4'"):
-        train.prepare_model(tiny_model(tokenizer), "qlora")
-    wrapped = train.prepare_model(tiny_model(tokenizer), "lora")
+        train.prepare_model(assets.tiny_llama(tokenizer), "qlora")
+    wrapped = train.prepare_model(assets.tiny_llama(tokenizer), "lora")
     with pytest.raises(ValueError, match="already has adapters"):
         train.prepare_model(wrapped, "lora")
     with pytest.raises(TypeError):
@@ -153,7 +152,7 @@ def test_chat_dataset_keeps_the_assistant_only_labels(tokenizer, examples):
 
 
 def test_train_lowers_the_loss_and_records_what_it_measured(tokenizer, examples):
-    model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=8))
+    model = train.prepare_model(assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=8))
     result = train.train(
         model,
         tokenizer,
@@ -175,12 +174,12 @@ def test_train_lowers_the_loss_and_records_what_it_measured(tokenizer, examples)
 
 
 def test_train_rejects_bad_budgets_and_untrainable_models(tokenizer, examples):
-    model = train.prepare_model(tiny_model(tokenizer), "lora")
+    model = train.prepare_model(assets.tiny_llama(tokenizer), "lora")
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         train.train(model, tokenizer, examples, method="lora", steps=0)
     with pytest.raises(ValueError, match="learning_rate must be a positive number"):
         train.train(model, tokenizer, examples, method="lora", steps=1, learning_rate=-1)
-    frozen = tiny_model(tokenizer)
+    frozen = assets.tiny_llama(tokenizer)
     for p in frozen.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="prepare_model"):
@@ -194,7 +193,9 @@ def test_the_plain_and_the_chunked_loss_give_the_same_first_loss(tokenizer, exam
     firsts = {}
     for loss_type in (None, "nll"):
         env.seed_everything(0)
-        model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+        model = train.prepare_model(
+            assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=4)
+        )
         run = train.train(
             model,
             tokenizer,
@@ -219,7 +220,7 @@ def test_train_uses_the_given_optimizer_and_runs_extra_callbacks(tokenizer, exam
         def on_optimizer_step(self, args, state, control, **kwargs):
             self.steps += 1
 
-    model = train.prepare_model(tiny_model(tokenizer), "lora", lora=train.lora_config(r=4))
+    model = train.prepare_model(assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=4))
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
     counter = CountSteps()
@@ -242,7 +243,7 @@ def test_train_uses_the_given_optimizer_and_runs_extra_callbacks(tokenizer, exam
 
 
 def test_train_rejects_a_bad_optimizer_or_callbacks(tokenizer, examples):
-    model = train.prepare_model(tiny_model(tokenizer), "lora")
+    model = train.prepare_model(assets.tiny_llama(tokenizer), "lora")
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         train.train(model, tokenizer, examples, method="lora", steps=1, optimizer="adamw")
     with pytest.raises(TypeError, match="TrainerCallback"):
@@ -253,7 +254,7 @@ def test_train_rejects_a_bad_optimizer_or_callbacks(tokenizer, examples):
 
 
 def test_perplexity_is_exp_of_the_model_loss_and_short_text_is_rejected(tokenizer):
-    model = tiny_model(tokenizer)
+    model = assets.tiny_llama(tokenizer)
     texts = data.load_python_reference("validation")
     ppl = evaluate.perplexity(model, tokenizer, texts, block_size=32, max_blocks=2, batch_size=2)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -269,7 +270,7 @@ def test_perplexity_is_exp_of_the_model_loss_and_short_text_is_rejected(tokenize
 
 
 def test_answer_loss_averages_over_assistant_tokens_only(tokenizer, examples):
-    model = tiny_model(tokenizer)
+    model = assets.tiny_llama(tokenizer)
     batch = data.pad_batch([data.tokenize_with_assistant_mask(tokenizer, examples[0])], 0)
     with torch.no_grad():
         expected = model(**batch).loss.item()
@@ -277,7 +278,7 @@ def test_answer_loss_averages_over_assistant_tokens_only(tokenizer, examples):
 
 
 def test_max_logit_difference_is_zero_for_the_same_weights_and_not_for_others(tokenizer):
-    a, b = tiny_model(tokenizer), tiny_model(tokenizer)
+    a, b = assets.tiny_llama(tokenizer), assets.tiny_llama(tokenizer)
     prompts = ["A flat in Leeds.", "A two-bed house to rent in York for £900 pcm."]
     assert evaluate.max_logit_difference(a, b, tokenizer, prompts) == 0.0
     with torch.no_grad():
