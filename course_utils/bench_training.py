@@ -237,6 +237,8 @@ def _plain_trainer_lora(
             logging_steps=1,
             save_strategy="no",
             report_to="none",
+            seed=0,  # train.train's seeds: the same shuffle, so the same batches in the same order
+            data_seed=0,
             dataloader_pin_memory=train._on_cuda(model),
             disable_tqdm=True,
             **train._precision_flags(model),  # the same mixed precision as the course path

@@ -33,6 +33,10 @@ def test_every_workload_ran_on_the_same_tokens(bench_run):
         assert len(row["step_seconds"]) == 4 and len(row["losses"]) == 4
         assert row["timed_steps"] == 1  # steps 1-3 are warm-up and memory profiling
         assert row["tokens_per_second"] == pytest.approx(64 / row["seconds_per_step"])
+    by = {row["workload"]: row for row in rows}
+    # LoRA starts with B = 0, so step 1's loss is the base model's on the first batch: equal
+    # only if the plain Trainer shuffled the blocks the way the course path did
+    assert by["trainer-lora"]["losses"][0] == pytest.approx(by["course-lora"]["losses"][0], 1e-5)
 
 
 def test_trainable_parameters_are_what_each_method_trains(bench_run):
