@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # torch's OpenMP threads spin after each parallel region (libgomp's default: ~300,000 turns).
 # On 2 cores shared with anything else (a browser, a second kernel, a busy CI host) the spinning
 # starves the thread it waits for: lessons 02+05 took 465 s instead of 95 s with one core busy,
-# 185 s with a spin count of 10,000, which costs nothing measurable on an idle machine (README).
+# 185 s with a spin count of 10,000, which cost 3 % on an idle machine (98 s; README).
 export GOMP_SPINCOUNT ?= 10000
 
 .PHONY: course setup model browser test lint bench timings exercises check-exercises grade clean help

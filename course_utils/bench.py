@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 from . import env
+from .assets import TINY_LLAMA, nf4_config, tiny_llama
 from .memory import LLAMA_LINEAR_LAYERS, estimate, measure_model_bytes
 
 __all__ = [
@@ -82,16 +83,8 @@ METHODS = ("full", "lora", "qlora")
 #: ``smollm2``: the course model (via course_utils.assets); ``tiny``: a random 2-layer Llama
 #: built on the spot, for fast tests of the machinery.
 MODELS = ("smollm2", "tiny")
-#: The tiny random Llama used by the tests (no download, a few MB).
-TINY_CONFIG = {
-    "vocab_size": 1024,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-}
+#: The tiny random Llama used by the tests (no download, a few MB): assets' tiny Llama, wider.
+TINY_CONFIG = {**TINY_LLAMA, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256}
 #: Config keys handed back from the subprocess so the estimator sees the real model's shape.
 _CONFIG_KEYS = (
     "vocab_size",
@@ -254,8 +247,6 @@ def _tiny_model(
 ):
     """A random 2-layer Llama, saved and loaded back like a real checkpoint (NF4 if asked)."""
     from transformers import AutoModelForCausalLM
-
-    from course_utils.assets import nf4_config, tiny_llama
 
     config = dict(TINY_CONFIG, vocab_size=vocab_size or TINY_CONFIG["vocab_size"])
     with tempfile.TemporaryDirectory() as folder:

@@ -154,8 +154,7 @@ def test_bad_arguments_say_what_to_do(tiny, tokenizer, exported, tmp_path):
     )
     with pytest.raises(ValueError, match="merge_and_unload"):
         deploy.export_gguf(wrapped, tokenizer, tmp_path / "x.gguf")
-    biased = _tiny_model(torch.float32, torch.device("cpu"), False, vocab_size=len(tokenizer))
-    biased.config.attention_bias = True  # q/k biases would need the rotary permutation too
+    biased = assets.tiny_llama(tokenizer, attention_bias=True)  # q/k biases need the permutation
     with pytest.raises(ValueError, match="without biases"):
         deploy.export_gguf(biased, tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
