@@ -27,8 +27,9 @@ What each number means
   embedding to the output layer, whose matmul is the FLOPs); attention scores, norms, the
   recomputation of gradient checkpointing and NF4 dequantization are not counted.
 * **peak memory**: bytes of live tensors during steps 2-3 (`train.train(measure_memory=True)`,
-  via `bench.PeakMemory`), next to `memory.estimate` for the same batch; the error is
-  estimated / measured - 1.
+  via `bench.PeakMemory`), next to `memory.estimate` for the same batch and loss (TRL's
+  ``chunked_nll`` and Unsloth's CPU cross-entropy hold the logits one chunk of tokens at a
+  time, `memory.LOSSES`); the error is estimated / measured - 1.
 
 `run` writes ``train.md``, ``train.csv`` and ``train.png`` to the output folder
 (``bench/results/`` by default) and returns the rows.
@@ -427,8 +428,17 @@ def flops_per_token(method: str, total_params: int, trainable_params: int) -> in
     return 4 * (total_params - trainable_params) + 6 * trainable_params
 
 
+def _loss(row: dict) -> str:
+    """The loss a workload trained with, as memory.LOSSES names it."""
+    if row["path"] == "course":  # train.train with TRL's default loss
+        return "chunked_nll"
+    if row["path"] == "unsloth" and row["device"] == "cpu":  # Unsloth's CPU fallback
+        return "unsloth_cpu"
+    return "standard"  # plain Trainer (Unsloth's GPU kernels are not modelled)
+
+
 def _estimate(row: dict) -> int:
-    """The memory estimator's total for the setup a workload ran with."""
+    """The memory estimator's total for the setup a workload ran with, its loss included."""
     from .memory import estimate
 
     config = {k: v for k, v in row["config"].items() if v is not None}
@@ -442,6 +452,7 @@ def _estimate(row: dict) -> int:
         optimizer="adamw",
         lora_r=row["lora_r"],
         gradient_checkpointing=row["method"] == "qlora",
+        loss=_loss(row),
     ).total
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "GB",
     "GPUS",
     "LLAMA_LINEAR_LAYERS",
+    "LOSSES",
     "OPTIMIZER_BYTES_PER_PARAM",
     "PRESETS",
     "MemoryEstimate",
@@ -45,6 +46,7 @@ __all__ = [
     "fits",
     "get_config",
     "linear_layer_shapes",
+    "loss_chunk_tokens",
     "lora_trainable_params",
     "measure_model_bytes",
     "param_groups",
@@ -61,6 +63,19 @@ BYTES_PER_DTYPE = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: Optimizer state bytes per trainable parameter. AdamW: two fp32 moments. adamw_8bit: two
 #: 1-byte moments plus one fp32 scale per block of 256 values for each of them.
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw_8bit": 2 * (1 + 4 / 256), "sgd": 0.0}
+
+#: How each loss holds the fp32 logits at its peak: the tokens of one chunk (None: all of them)
+#: and the bytes per token and vocabulary entry, measured against the libraries by the tests.
+#: standard: transformers' cross-entropy over the full logits (logits, log-probabilities and
+#: their gradient); chunked_nll: TRL's default loss, the labs' path, 256 labelled tokens per
+#: chunk, recomputed in the backward pass with the probabilities for the entropy TRL logs;
+#: unsloth_cpu: Unsloth's CPU cross-entropy, chunks of 16 Mi logits whose gradient it forms in
+#: the forward pass (a SmolLM2 chunk: 341 tokens).
+LOSSES = {
+    "standard": {"chunk_tokens": None, "bytes_per_entry": 12},
+    "chunked_nll": {"chunk_tokens": 256, "bytes_per_entry": 16},
+    "unsloth_cpu": {"chunk_elements": 16 * 2**20, "bytes_per_entry": 8},
+}
 
 #: The linear layers inside one Llama-style decoder layer (what PEFT's "all-linear" targets).
 LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -332,8 +347,30 @@ def _check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def loss_chunk_tokens(loss: str, vocab_size: int) -> int | None:
+    """Tokens whose logits `loss` (a key of LOSSES) holds at once; None: every token's."""
+    rule = LOSSES[_check_choice(loss, "loss", LOSSES)]
+    vocab_size = _check_positive_int(vocab_size, "vocab_size")
+    if "chunk_elements" in rule:
+        return max(16, rule["chunk_elements"] // vocab_size)  # unsloth_zoo's own rounding
+    return rule["chunk_tokens"]
+
+
+def _logit_bytes(vocab_size: int, tokens: int, loss: str) -> int:
+    """Bytes of fp32 logits (and what the loss derives from them) at the loss's peak."""
+    chunk = loss_chunk_tokens(loss, vocab_size)
+    held = tokens if chunk is None else min(tokens, chunk)
+    return held * vocab_size * LOSSES[loss]["bytes_per_entry"]
+
+
 def _activation_bytes(
-    cfg: dict, batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool, eager: bool
+    cfg: dict,
+    batch: int,
+    seq_len: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+    eager: bool,
+    loss: str = "standard",
 ) -> int:
     """A simple estimate of the activations autograd keeps for the backward pass.
 
@@ -344,9 +381,10 @@ def _activation_bytes(
     (2 x heads x seq_len per token); SDPA/flash attention does not. The loss keeps the fp32
     log-probabilities (4 bytes per token and vocabulary entry), and the first two steps of the
     backward pass add their gradient and the logits' gradient, both fp32: 12 bytes at the peak,
-    whatever the compute dtype (transformers upcasts the logits for the loss). With gradient
-    checkpointing only each layer's input (hidden) is kept, plus one layer's activations while
-    it is recomputed.
+    whatever the compute dtype (transformers upcasts the logits for the loss). A chunked
+    ``loss`` (see LOSSES) holds the logits of one chunk at a time. With gradient checkpointing
+    only each layer's input (hidden) is kept; on top of it come first the loss's logits, then
+    one layer's activations while it is recomputed, so the larger of the two counts.
     """
     tokens = batch * seq_len
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -356,12 +394,11 @@ def _activation_bytes(
     if eager:
         per_layer += 2 * cfg["num_attention_heads"] * seq_len
     layers = cfg["num_hidden_layers"]
+    logits = _logit_bytes(cfg["vocab_size"], tokens, loss)
     if checkpointing:
-        values = tokens * (layers * h + per_layer)
-    else:
-        values = tokens * layers * per_layer
-    logits = tokens * cfg["vocab_size"] * 12
-    return values * dtype_bytes + logits
+        kept = tokens * layers * h * dtype_bytes
+        return kept + max(tokens * per_layer * dtype_bytes, logits)
+    return tokens * layers * per_layer * dtype_bytes + logits
 
 
 def estimate(
@@ -379,6 +416,7 @@ def estimate(
     attention: str = "sdpa",
     master_weights: bool = False,
     adapter_dtype: str = "fp32",
+    loss: str = "standard",
 ) -> MemoryEstimate:
     """Estimate training memory for full fine-tuning, LoRA or QLoRA.
 
@@ -387,7 +425,9 @@ def estimate(
     and LoRA needs ``trainable_params``. ``dtype`` is the dtype of the (frozen) weights and of
     the activations; LoRA adapters are kept in ``adapter_dtype`` (PEFT keeps them in fp32).
     ``master_weights=True`` adds the fp32 copy that mixed-precision training keeps next to
-    fp16/bf16 weights (2 + 2 + 4 + 8 = 16 bytes per parameter again).
+    fp16/bf16 weights (2 + 2 + 4 + 8 = 16 bytes per parameter again). ``loss`` says how the
+    loss holds the logits (LOSSES): ``"standard"`` (all of them), ``"chunked_nll"`` (the labs'
+    path, TRL's default loss) or ``"unsloth_cpu"``.
     """
     method = _check_choice(method, "method", {"full", "lora", "qlora"})
     dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)
@@ -396,6 +436,7 @@ def estimate(
     attention = _check_choice(attention, "attention", {"sdpa", "eager"})
     batch = _check_positive_int(batch, "batch")
     seq_len = _check_positive_int(seq_len, "seq_len")
+    loss = _check_choice(loss, "loss", LOSSES)
     notes: list[str] = []
 
     if isinstance(config_or_params, bool):
@@ -457,7 +498,7 @@ def estimate(
         activations = 0
     else:
         activations = _activation_bytes(
-            cfg, batch, seq_len, w_bytes, gradient_checkpointing, attention == "eager"
+            cfg, batch, seq_len, w_bytes, gradient_checkpointing, attention == "eager", loss
         )
     return MemoryEstimate(
         weights=math.ceil(weights),

@@ -121,6 +121,66 @@ def test_activations_scale_with_batch_and_checkpointing():
     assert eager.activations > four
 
 
+# The logits of one loss, measured: hidden states of 1024 tokens against a vocabulary of 8192.
+LOSS_TOKENS, LOSS_VOCAB = 1024, 8192
+
+
+def _loss_peak_bytes(loss_fn) -> int:
+    """Peak bytes of live tensors while `loss_fn(hidden, weight, labels)` runs and backpropagates."""
+    from course_utils.bench import PeakMemory
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, LOSS_TOKENS, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(LOSS_VOCAB, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, LOSS_VOCAB, (1, LOSS_TOKENS), generator=gen)
+    with PeakMemory() as peak:
+        loss_fn(hidden, weight, labels).backward()
+    return peak.peak
+
+
+def _standard_loss(hidden, weight, labels):
+    """What LlamaForCausalLM does with labels: the full logits, then transformers' loss."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(hidden @ weight.T, labels, vocab_size=LOSS_VOCAB)
+
+
+def _trl_chunked_loss(hidden, weight, labels):
+    """TRL's default loss (the labs' path), with TRL's own chunk size."""
+    from trl.trainer import sft_trainer
+
+    chunk = sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
+    return sft_trainer._chunked_cross_entropy_loss(hidden, weight, chunk, labels=labels)[0]
+
+
+@pytest.mark.parametrize(
+    "loss, loss_fn", [("standard", _standard_loss), ("chunked_nll", _trl_chunked_loss)]
+)
+def test_each_loss_holds_the_logits_the_estimator_counts(loss, loss_fn):
+    measured = _loss_peak_bytes(loss_fn)
+    predicted = M._logit_bytes(LOSS_VOCAB, LOSS_TOKENS, loss)
+    assert measured == pytest.approx(predicted, rel=0.1), (loss, measured, predicted)
+
+
+def test_a_chunked_loss_lowers_the_estimate_by_its_logits():
+    kw = {"method": "lora", "batch": 8, "seq_len": 128}
+    standard = M.estimate("SmolLM2-135M", **kw)
+    chunked = M.estimate("SmolLM2-135M", loss="chunked_nll", **kw)
+    assert standard.activations - chunked.activations == 49152 * (1024 * 12 - 256 * 16)
+    assert M.loss_chunk_tokens("chunked_nll", 49152) == 256
+    assert M.loss_chunk_tokens("unsloth_cpu", 49152) == 16 * 2**20 // 49152 == 341
+    assert M.loss_chunk_tokens("standard", 49152) is None
+    few = {"method": "lora", "batch": 1, "seq_len": 100}  # fewer tokens than one chunk: all
+    difference = M.estimate("SmolLM2-135M", loss="chunked_nll", **few).activations - (
+        M.estimate("SmolLM2-135M", **few).activations
+    )
+    assert difference == 100 * 49152 * (16 - 12)
+    # with checkpointing the logits and the recomputed layer come one after the other
+    ckpt = M.estimate("SmolLM2-135M", gradient_checkpointing=True, batch=4, seq_len=128)
+    kept = 4 * 128 * 30 * 576 * 4
+    assert ckpt.activations == kept + M._logit_bytes(49152, 512, "standard")
+
+
 def test_fits():
     assert set(M.GPUS) == {
         "T4 16 GB",
@@ -176,6 +236,8 @@ def test_bad_inputs_raise_helpful_errors():
     assert M.estimate(1000, method="lora", trainable_params=10).trainable_params == 10
     with pytest.raises(ValueError, match="batch must be positive"):
         M.estimate(1000, batch=0)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        M.estimate("SmolLM2-135M", loss="dft")
     with pytest.raises(ValueError, match="Llama-style"):
         M.count_params({"n_embd": 768})
     with pytest.raises(ValueError, match="unknown target"):

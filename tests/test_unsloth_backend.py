@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from course_utils import unsloth_backend
+from course_utils import memory, unsloth_backend
 
 # Importing Unsloth patches transformers and TRL for the whole process, so everything that
 # imports it runs in a child process: the other tests in this session keep the stock libraries.
@@ -42,6 +42,24 @@ out["trained_names"] = sorted(
     {n.split(".")[-3] for n, p in peft_model.named_parameters() if p.requires_grad}
 )
 out["wrapped"] = unsloth_backend.backend(peft_model)
+
+# The CPU fallback's cross-entropy: the chunk it picks for SmolLM2's vocabulary, and its peak.
+from course_utils.bench import PeakMemory
+from unsloth_zoo.cpu import ops
+
+chunks = []
+real_apply = ops._ChunkedLinearCrossEntropy.apply
+def spy(hidden, weight, labels, divisor, chunk_rows, ignore_index):
+    chunks.append(chunk_rows)
+    return real_apply(hidden, weight, labels, divisor, chunk_rows, ignore_index)
+ops._ChunkedLinearCrossEntropy.apply = spy
+gen = torch.Generator().manual_seed(0)
+hidden = torch.randn(1, 1025, 16, generator=gen, requires_grad=True)
+weight = torch.randn(49152, 16, generator=gen, requires_grad=True)
+labels = torch.randint(0, 49152, (1, 1025), generator=gen)
+with PeakMemory() as peak:
+    ops.chunked_linear_cross_entropy(hidden, weight, labels).backward()
+out["ce_chunk_rows"], out["ce_peak"] = chunks[0], peak.peak
 print("RESULT" + json.dumps(out))
 """
 
@@ -80,6 +98,12 @@ def test_lora_through_unsloth_trains_what_the_formula_says(child):
     assert child["trained_names"] == ["lora_A", "lora_B"]
     # the backend report sees through the PEFT wrapper
     assert child["wrapped"]["chunked_cross_entropy"] is True
+
+
+def test_the_cpu_cross_entropy_holds_the_chunk_the_estimator_counts(child):
+    assert child["ce_chunk_rows"] == memory.loss_chunk_tokens("unsloth_cpu", 49152)
+    predicted = memory._logit_bytes(49152, 1024, "unsloth_cpu")
+    assert child["ce_peak"] == pytest.approx(predicted, rel=0.1)
 
 
 def test_bad_arguments_say_what_to_pass(tmp_path):
