@@ -60,20 +60,20 @@ browser:
 		else echo "Install Debian's chromium (sudo apt-get install chromium) for the browser tests."; exit 1; fi; }
 
 lint: setup
-	$(BIN)/ruff check course_utils tests notebooks solutions
-	$(BIN)/ruff format --check course_utils tests notebooks solutions
+	$(BIN)/ruff check conftest.py course_utils tests notebooks solutions
+	$(BIN)/ruff format --check conftest.py course_utils tests notebooks solutions
 
 # The exercise masters in solutions/ are executed by `nbgrader validate` (tests/test_exercises.py),
 # which also checks that every graded cell passes, so nbval does not run them a second time.
 # Two pytest workers with one torch thread each (TEST_WORKERS=0 runs in one process with torch's
 # default threads): half of the suite waits on kernels, browsers and subprocesses, so two
-# single-threaded workers keep both cores busy (README, Tests). tests/conftest.py keeps a file's
-# tests, a notebook's cells and a lesson's two runs on one worker.
+# single-threaded workers keep both cores busy (README, Tests). A file's tests (a notebook's
+# cells) stay on one worker; conftest.py keeps a lesson's two runs from overlapping.
 TEST_WORKERS ?= 2
 TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
 test: model browser lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(TEST_THREADS) $(BIN)/python -m pytest \
-		tests notebooks -n $(TEST_WORKERS) --dist loadgroup \
+		tests notebooks -n $(TEST_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 $(PYTEST_ARGS)
 
 timings: model

@@ -30,13 +30,15 @@ NOTEBOOKS = [
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_again_from_a_fresh_kernel(path, monkeypatch):
+def test_notebook_runs_again_from_a_fresh_kernel(path, monkeypatch, notebook_lock):
     monkeypatch.setenv("COURSE_PROFILE", "ci")
     before = path.read_bytes()
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(
+    client = NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": path.parent}}
-    ).execute()
+    )
+    with notebook_lock(path):  # not while nbval runs the same lesson on the other worker
+        client.execute()
     errors = [
         output
         for cell in notebook.cells
