@@ -17,10 +17,15 @@ from pathlib import Path
 import pytest
 
 
+def lock_path(notebook: Path) -> Path:
+    """The lock file of one notebook of this checkout, in the temp folder."""
+    digest = hashlib.sha1(str(Path(notebook).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"course-notebook-{digest}.lock"
+
+
 def _acquire(notebook: Path):
     """Block until this process holds the notebook's lock; return the open lock file."""
-    digest = hashlib.sha1(str(Path(notebook).resolve()).encode()).hexdigest()[:12]
-    handle = open(Path(tempfile.gettempdir()) / f"course-notebook-{digest}.lock", "w")  # noqa: SIM115
+    handle = open(lock_path(notebook), "w")  # noqa: SIM115 (closed by _release)
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 

@@ -4,6 +4,8 @@ nbval (in the same `make test`) runs each notebook once; this runs it again from
 in the same folder, so a notebook that leaves files or state behind that break a second run fails.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -47,3 +49,29 @@ def test_notebook_runs_again_from_a_fresh_kernel(path, monkeypatch, notebook_loc
     ]
     assert not errors
     assert path.read_bytes() == before, "running the notebook must not rewrite its own file"
+
+
+TRY_LOCK = """
+import fcntl, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import lock_path
+with open(lock_path(sys.argv[2]), "w") as handle:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(3)
+"""
+
+
+def test_the_lesson_lock_keeps_the_other_worker_out(notebook_lock, tmp_path):
+    """While one worker runs a lesson, the other cannot take the same lesson (another, it can)."""
+    lesson, other = tmp_path / "05_lesson.ipynb", tmp_path / "06_lesson.ipynb"
+
+    def other_worker_tries(path):
+        command = [sys.executable, "-c", TRY_LOCK, str(ROOT), str(path)]
+        return subprocess.run(command, timeout=60).returncode
+
+    with notebook_lock(lesson):
+        assert other_worker_tries(lesson) == 3
+        assert other_worker_tries(other) == 0
+    assert other_worker_tries(lesson) == 0
