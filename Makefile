@@ -66,9 +66,10 @@ lint: setup
 # The exercise masters in solutions/ are executed by `nbgrader validate` (tests/test_exercises.py),
 # which also checks that every graded cell passes, so nbval does not run them a second time.
 # Two pytest workers with one torch thread each (TEST_WORKERS=0 runs in one process with torch's
-# default threads): half of the suite waits on kernels, browsers and subprocesses, so two
-# single-threaded workers keep both cores busy (README, Tests). A file's tests (a notebook's
-# cells) stay on one worker; conftest.py keeps a lesson's two runs from overlapping.
+# default threads): in one process the suite kept 1.4 of 2 cores busy, waiting on kernels,
+# browsers and subprocesses; two workers took 22 min instead of 33 on the AMD EPYC (README,
+# Tests). A file's tests (a notebook's cells) stay on one worker; conftest.py keeps a lesson's
+# two runs from overlapping.
 TEST_WORKERS ?= 2
 TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
 test: model browser lint
