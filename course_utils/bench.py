@@ -719,6 +719,9 @@ def _train_main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--data", choices=bench_training.DATA, default="blocks")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds, fastest kept (default 2)"
+    )
     args = parser.parse_args(argv)
     bench_training.run(
         args.workloads,
@@ -728,6 +731,7 @@ def _train_main(argv: list[str]) -> int:
         batch=args.batch,
         seq_len=args.seq_len,
         data=args.data,
+        rounds=args.rounds,
     )
     return 0
 

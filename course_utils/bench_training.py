@@ -27,9 +27,9 @@ What each number means
   embedding to the output layer, whose matmul is the FLOPs); attention scores, norms, the
   recomputation of gradient checkpointing and NF4 dequantization are not counted.
 * **peak memory**: bytes of live tensors during steps 2-3 (`train.train(measure_memory=True)`,
-  via `bench.PeakMemory`), next to `memory.estimate` for the same batch and loss (TRL's
-  ``chunked_nll`` and Unsloth's CPU cross-entropy hold the logits one chunk of tokens at a
-  time, `memory.LOSSES`); the error is estimated / measured - 1.
+  via `bench.PeakMemory`), next to `memory.estimate` for the same batch and loss (the course's
+  fused loss, `course_utils.fused_loss`, and Unsloth's CPU cross-entropy hold the logits one
+  chunk of tokens at a time, `memory.LOSSES`); the error is estimated / measured - 1.
 
 `run` writes ``train.md``, ``train.csv`` and ``train.png`` to the output folder
 (``bench/results/`` by default) and returns the rows.
@@ -266,7 +266,9 @@ def _plain_trainer_lora(
     }
 
 
-def _train_measured(model, tokenizer, dataset, method, steps, batch, lr, loss_type=None) -> dict:
+def _train_measured(
+    model, tokenizer, dataset, method, steps, batch, lr, loss_type: str = "fused"
+) -> dict:
     """train.train (TRL SFTTrainer) on a prepared model, memory measured; the bench's fields."""
     from . import train
 
@@ -430,8 +432,8 @@ def flops_per_token(method: str, total_params: int, trainable_params: int) -> in
 
 def _loss(row: dict) -> str:
     """The loss a workload trained with, as memory.LOSSES names it."""
-    if row["path"] == "course":  # train.train with TRL's default loss
-        return "chunked_nll"
+    if row["path"] == "course":  # train.train with its default loss
+        return "fused"
     if row["path"] == "unsloth" and row["device"] == "cpu":  # Unsloth's CPU fallback
         return "unsloth_cpu"
     return "standard"  # plain Trainer (Unsloth's GPU kernels are not modelled)
@@ -553,6 +555,13 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
     return fmt.format(value)
 
 
+def _fastest(rounds: Sequence[dict]) -> dict:
+    """The round with the shortest time per step, with every round's time per step beside it."""
+    best = dict(min(rounds, key=lambda row: row["seconds_per_step"]))
+    best["round_seconds_per_step"] = [row["seconds_per_step"] for row in rounds]
+    return best
+
+
 def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
     """The comparison as markdown: the machine, one row per workload, then the targets."""
     if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence) or not rows:
@@ -575,8 +584,9 @@ def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
     lines.append(
         f"Model {first['model']}, {first['device']} {first['dtype']}, batch {first['batch']} x "
         f"{tokens}, LoRA r={first['lora_r']} alpha={2 * first['lora_r']} on all linear layers, "
-        f"AdamW; median of {first['timed_steps']} timed steps of {first['steps']}; fp32 matmul "
-        f"rate measured in this run: {first['matmul_rate'] / 1e9:.1f} GFLOP/s."
+        f"AdamW; median of {first['timed_steps']} timed steps of {first['steps']}"
+        f"{_rounds_note(rows)}; fp32 matmul rate measured in this run: "
+        f"{first['matmul_rate'] / 1e9:.1f} GFLOP/s."
     )
     lines.append("")
     lines.append("| " + " | ".join(title for _, title, _ in _COLUMNS) + " |")
@@ -602,6 +612,16 @@ def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
             f"reported as measured). {unsloth.get('backend', '')}",
         ]
     return "\n".join(lines)
+
+
+def _rounds_note(rows: Sequence[dict]) -> str:
+    """', the fastest of N interleaved rounds (s/step of each: ...)' when there were several."""
+    times = {row["workload"]: row.get("round_seconds_per_step", []) for row in rows}
+    n = max(len(t) for t in times.values())
+    if n < 2:
+        return ""
+    each = "; ".join(f"{w} " + " / ".join(f"{t:.2f}" for t in ts) for w, ts in times.items())
+    return f", the fastest of {n} interleaved rounds (s/step of each: {each})"
 
 
 def _write_csv(rows: Sequence[dict], path: Path) -> None:
@@ -660,46 +680,58 @@ def run(
     lora_r: int = 16,
     data: str = "blocks",
     progress: bool = True,
+    rounds: int | None = None,
 ) -> list[dict]:
     """Measure each workload in its own subprocess; write train.md/.csv/.png under `out`.
 
     ``steps`` defaults to 6 (4 under COURSE_PROFILE=ci); ``data="chat"`` trains on the labs'
-    chat examples and writes ``train-chat.*``. Returns the rows (with MFU and the estimator's
-    number added).
+    chat examples and writes ``train-chat.*``. ``rounds`` (default 2, 1 under the ci profile)
+    runs the whole list that many times, interleaved, and keeps each workload's fastest round,
+    so a slow spell of a shared machine does not land on one workload alone. Returns the rows
+    (with MFU and the estimator's number added).
     """
     workloads = _check_workloads(workloads)
     data = _check_data(data)
     name = "train" if data == "blocks" else "train-chat"
     steps = env.by_profile(full=6, ci=4) if steps is None else steps
-    _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
+    rounds = env.by_profile(full=2, ci=1) if rounds is None else rounds
+    _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r, rounds=rounds)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rate = matmul_rate()
     if progress:
         print(f"[bench] fp32 matmul rate on this machine: {rate / 1e9:.1f} GFLOP/s")
-    rows = []
-    for workload in workloads:
-        if progress:
-            print(f"[bench] {workload}: {steps} steps of {batch} {data} rows ...", flush=True)
-        measured = measure_workload(
-            workload,
-            model=model,
-            steps=steps,
-            batch=batch,
-            seq_len=seq_len,
-            lora_r=lora_r,
-            data=data,
-        )
-        rows.append(_with_derived(measured, rate))
-        if progress:
-            row = rows[-1]
-            print(
-                f"[bench] {workload}: {row['seconds_per_step']:.2f} s/step, "
-                f"{row['tokens_per_second']:.0f} tokens/s, MFU {row['mfu']:.0%} "
-                f"({row['seconds']:.0f} s)",
-                flush=True,
+    measured: dict[str, list[dict]] = {workload: [] for workload in workloads}
+    for round_no in range(1, rounds + 1):
+        for workload in workloads:
+            if progress:
+                print(
+                    f"[bench] round {round_no}/{rounds}, {workload}: {steps} steps of {batch} "
+                    f"{data} rows ...",
+                    flush=True,
+                )
+            row = _with_derived(
+                measure_workload(
+                    workload,
+                    model=model,
+                    steps=steps,
+                    batch=batch,
+                    seq_len=seq_len,
+                    lora_r=lora_r,
+                    data=data,
+                ),
+                rate,
             )
+            measured[workload].append(row)
+            if progress:
+                print(
+                    f"[bench] {workload}: {row['seconds_per_step']:.2f} s/step, "
+                    f"{row['tokens_per_second']:.0f} tokens/s, MFU {row['mfu']:.0%} "
+                    f"({row['seconds']:.0f} s)",
+                    flush=True,
+                )
+    rows = [_fastest(measured[workload]) for workload in workloads]
     info = machine()
     table = format_table(rows, info)
     (folder / f"{name}.md").write_text(

@@ -67,12 +67,15 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw_8bit": 2 * (1 + 4 / 256), "sgd
 #: How each loss holds the fp32 logits at its peak: the tokens of one chunk (None: all of them)
 #: and the bytes per token and vocabulary entry, measured against the libraries by the tests.
 #: standard: transformers' cross-entropy over the full logits (logits, log-probabilities and
-#: their gradient); chunked_nll: TRL's default loss, the labs' path, 256 labelled tokens per
-#: chunk, recomputed in the backward pass with the probabilities for the entropy TRL logs;
-#: unsloth_cpu: Unsloth's CPU cross-entropy, chunks of 16 Mi logits whose gradient it forms in
-#: the forward pass (a SmolLM2 chunk: 341 tokens).
+#: their gradient); fused: the labs' path (`course_utils.fused_loss`), 256 labelled tokens per
+#: chunk, log-probabilities and probabilities, the gradient formed in the forward pass (and,
+#: when the head trains, its weight's gradient kept until the backward pass); chunked_nll:
+#: TRL's default loss, 256 labelled tokens per chunk, recomputed in the backward pass with the
+#: probabilities for the entropy TRL logs; unsloth_cpu: Unsloth's CPU cross-entropy, chunks of
+#: 16 Mi logits whose gradient it forms in the forward pass (a SmolLM2 chunk: 341 tokens).
 LOSSES = {
     "standard": {"chunk_tokens": None, "bytes_per_entry": 12},
+    "fused": {"chunk_tokens": 256, "bytes_per_entry": 8, "keeps_head_gradient": True},
     "chunked_nll": {"chunk_tokens": 256, "bytes_per_entry": 16},
     "unsloth_cpu": {"chunk_elements": 16 * 2**20, "bytes_per_entry": 8},
 }
@@ -426,8 +429,8 @@ def estimate(
     the activations; LoRA adapters are kept in ``adapter_dtype`` (PEFT keeps them in fp32).
     ``master_weights=True`` adds the fp32 copy that mixed-precision training keeps next to
     fp16/bf16 weights (2 + 2 + 4 + 8 = 16 bytes per parameter again). ``loss`` says how the
-    loss holds the logits (LOSSES): ``"standard"`` (all of them), ``"chunked_nll"`` (the labs'
-    path, TRL's default loss) or ``"unsloth_cpu"``.
+    loss holds the logits (LOSSES): ``"standard"`` (all of them), ``"fused"`` (the labs' path),
+    ``"chunked_nll"`` (TRL's default loss) or ``"unsloth_cpu"``.
     """
     method = _check_choice(method, "method", {"full", "lora", "qlora"})
     dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)
@@ -500,6 +503,8 @@ def estimate(
         activations = _activation_bytes(
             cfg, batch, seq_len, w_bytes, gradient_checkpointing, attention == "eager", loss
         )
+        if method == "full" and LOSSES[loss].get("keeps_head_gradient"):
+            activations += cfg["vocab_size"] * cfg["hidden_size"] * 4  # fp32, until backward
     return MemoryEstimate(
         weights=math.ceil(weights),
         gradients=math.ceil(gradients),

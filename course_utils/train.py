@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import data, env
+from . import data, env, fused_loss
 
 __all__ = [
     "METHODS",
@@ -42,8 +42,10 @@ __all__ = [
 
 #: The fine-tuning methods `prepare_model` and `train` know.
 METHODS = ("full", "lora", "qlora")
-#: The losses `train` can ask TRL for (None: TRL's default, chunked_nll).
-LOSS_TYPES = (None, "nll", "chunked_nll")
+#: The losses `train` knows: "fused" (the default, `course_utils.fused_loss`: the LM head and
+#: the cross-entropy a chunk at a time, gradients formed in one pass) and TRL's own two,
+#: "chunked_nll" (TRL's default: chunks recomputed in backward) and "nll" (full logits).
+LOSS_TYPES = ("fused", "chunked_nll", "nll")
 MB = 2**20
 
 
@@ -392,7 +394,7 @@ def train(
     measure_memory: bool = False,
     progress_bar: bool = True,
     output_dir: str | os.PathLike | None = None,
-    loss_type: str | None = None,
+    loss_type: str = "fused",
     optimizer: torch.optim.Optimizer | None = None,
     callbacks: Sequence[Any] = (),
 ) -> TrainResult:
@@ -400,9 +402,10 @@ def train(
 
     `examples` is a list of chat examples (tokenized here with assistant-only labels) or a
     ``datasets.Dataset`` with ``input_ids`` and ``labels`` (e.g. blocks of text for causal LM).
-    Returns a `TrainResult`; the model is trained in place. `loss_type` is passed to TRL
-    (None keeps TRL's default, ``"chunked_nll"``; ``"nll"`` is the plain cross-entropy, which
-    Unsloth's CPU backend replaces with its own chunked one, lab 08).
+    Returns a `TrainResult`; the model is trained in place. `loss_type` is one of LOSS_TYPES:
+    ``"fused"`` (`course_utils.fused_loss`, the fastest and smallest on a CPU), TRL's
+    ``"chunked_nll"``, or ``"nll"``, the plain cross-entropy over all logits (which Unsloth's
+    CPU backend replaces with its own chunked one, lab 08).
     `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
     rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
     """
@@ -460,7 +463,9 @@ def train(
             disable_tqdm=not progress_bar,
             gradient_checkpointing=False,  # prepare_model decided already
             include_num_input_tokens_seen="non_padding",
-            **({} if loss_type is None else {"loss_type": loss_type}),
+            # TRL's chunked_nll contract (a forward returning the loss and token counts) is
+            # what the fused head keeps; its forward replaces TRL's once the trainer exists.
+            loss_type="chunked_nll" if loss_type == "fused" else loss_type,
             **_precision_flags(model),
         )
         trainer = SFTTrainer(
@@ -472,12 +477,22 @@ def train(
             **({} if optimizer is None else {"optimizers": (optimizer, None)}),
         )
         trainer.remove_callback(_printer_callback())
+        _use_loss(model, loss_type)
         started = time.perf_counter()
         trainer.train()
         result.seconds = time.perf_counter() - started
         result.tokens = int(trainer.state.num_input_tokens_seen)
     model.eval()
     return result
+
+
+def _use_loss(model, loss_type: str) -> None:
+    """Put the fused LM-head loss on the causal LM inside `model`, or take it off."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if loss_type == "fused":
+        fused_loss.patch_lm_head(causal_lm)
+    elif loss_type == "nll":
+        fused_loss.unpatch_lm_head(causal_lm)  # chunked_nll: TRL put its own forward on
 
 
 def _check_extras(optimizer: object, callbacks: object) -> list:

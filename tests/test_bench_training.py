@@ -162,6 +162,23 @@ def test_summarise_and_the_targets_flag_what_is_met_and_what_is_not():
     }
 
 
+def test_rounds_keep_each_workloads_fastest_and_say_so():
+    slow, fast = (
+        {"workload": "course-lora", "seconds_per_step": 7.0, "peak": 1},
+        {
+            "workload": "course-lora",
+            "seconds_per_step": 6.0,
+            "peak": 2,
+        },
+    )
+    best = bench_training._fastest([slow, fast])
+    assert best["peak"] == 2 and best["round_seconds_per_step"] == [7.0, 6.0]
+    assert "fastest of 2 interleaved rounds (s/step of each: course-lora 7.00 / 6.00)" in (
+        bench_training._rounds_note([best])
+    )
+    assert bench_training._rounds_note([bench_training._fastest([slow])]) == ""
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -174,6 +191,7 @@ def test_summarise_and_the_targets_flag_what_is_met_and_what_is_not():
         ({"steps": 1}, "at least 2"),
         ({"batch": 0}, "batch must be a positive integer"),
         ({"seq_len": 2.5}, "seq_len must be a positive integer"),
+        ({"rounds": 0}, "rounds must be a positive integer"),
     ],
 )
 def test_run_rejects_bad_arguments_before_measuring_anything(tmp_path, kwargs, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from course_utils import assets
+from course_utils import assets, fused_loss
 from course_utils import memory as M
 from course_utils.quant import double_quant_bits_per_param
 
@@ -153,8 +153,15 @@ def _trl_chunked_loss(hidden, weight, labels):
     return sft_trainer._chunked_cross_entropy_loss(hidden, weight, chunk, labels=labels)[0]
 
 
+def _fused_loss(hidden, weight, labels):
+    """The labs' loss: course_utils.fused_loss, with its own chunk size."""
+    parts = fused_loss.linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:])
+    return parts.loss_sum / parts.n_valid
+
+
 @pytest.mark.parametrize(
-    "loss, loss_fn", [("standard", _standard_loss), ("chunked_nll", _trl_chunked_loss)]
+    "loss, loss_fn",
+    [("standard", _standard_loss), ("chunked_nll", _trl_chunked_loss), ("fused", _fused_loss)],
 )
 def test_each_loss_holds_the_logits_the_estimator_counts(loss, loss_fn):
     measured = _loss_peak_bytes(loss_fn)
@@ -170,6 +177,14 @@ def test_a_chunked_loss_lowers_the_estimate_by_its_logits():
     assert M.loss_chunk_tokens("chunked_nll", 49152) == 256
     assert M.loss_chunk_tokens("unsloth_cpu", 49152) == 16 * 2**20 // 49152 == 341
     assert M.loss_chunk_tokens("standard", 49152) is None
+    assert M.loss_chunk_tokens("fused", 49152) == fused_loss.CHUNK_TOKENS
+    # the fused loss keeps the head's fp32 gradient from forward to backward when it trains
+    for method, head in (("full", 49152 * 576 * 4), ("lora", 0)):
+        kw = {"method": method, "batch": 8, "seq_len": 128}
+        fused = M.estimate("SmolLM2-135M", loss="fused", **kw).activations
+        assert fused - M.estimate("SmolLM2-135M", **kw).activations == head - 49152 * (
+            1024 * 12 - 256 * 8
+        )
     few = {"method": "lora", "batch": 1, "seq_len": 100}  # fewer tokens than one chunk: all
     difference = M.estimate("SmolLM2-135M", loss="chunked_nll", **few).activations - (
         M.estimate("SmolLM2-135M", **few).activations

@@ -188,10 +188,13 @@ def test_train_rejects_bad_budgets_and_untrainable_models(tokenizer, examples):
         train.train(model, tokenizer, examples, method="lora", steps=1, loss_type="dft")
 
 
-def test_the_plain_and_the_chunked_loss_give_the_same_first_loss(tokenizer, examples):
-    """TRL's chunked_nll (the default) and plain nll compute one cross-entropy, two ways."""
+def test_the_three_losses_give_the_same_losses(tokenizer, examples):
+    """The fused head (the default), TRL's chunked_nll and plain nll: one cross-entropy.
+
+    The second loss comes after one AdamW step, so it also checks the gradients agree.
+    """
     firsts = {}
-    for loss_type in (None, "nll"):
+    for loss_type in train.LOSS_TYPES:
         env.seed_everything(0)
         model = train.prepare_model(
             assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=4)
@@ -206,8 +209,9 @@ def test_the_plain_and_the_chunked_loss_give_the_same_first_loss(tokenizer, exam
             progress_bar=False,
             loss_type=loss_type,
         )
-        firsts[loss_type] = run.first_loss
-    assert firsts["nll"] == pytest.approx(firsts[None], rel=1e-4)
+        firsts[loss_type] = run.losses
+    assert firsts["fused"] == pytest.approx(firsts["nll"], rel=1e-4)
+    assert firsts["chunked_nll"] == pytest.approx(firsts["nll"], rel=1e-4)
 
 
 def test_train_uses_the_given_optimizer_and_runs_extra_callbacks(tokenizer, examples):
