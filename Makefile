@@ -74,7 +74,7 @@ TEST_WORKERS ?= 2
 TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
 test: model browser lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(TEST_THREADS) $(BIN)/python -m pytest \
-		tests notebooks -n $(TEST_WORKERS) --dist loadfile \
+		tests notebooks -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 $(PYTEST_ARGS)
 
 timings: model

@@ -133,3 +133,17 @@ def test_makefile_installs_from_both_files_and_ci_calls_make_test():
     assert "--no-deps -r requirements-nodeps.txt" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+def test_the_slowest_first_order_names_test_files_that_exist():
+    """conftest.py schedules these files first; a renamed one would silently lose its place."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    SLOWEST_FIRST = module.SLOWEST_FIRST  # noqa: N806 (the constant's own name)
+    assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
+    missing = [name for name in SLOWEST_FIRST if not (ROOT / name).is_file()]
+    assert not missing, f"conftest.SLOWEST_FIRST names files that do not exist: {missing}"
+    assert "--no-loadscope-reorder" in (ROOT / "Makefile").read_text()
