@@ -67,20 +67,24 @@ def pytest_runtest_setup(item):
     item.parent.addfinalizer(unlock)
 
 
-#: The slowest files of `make test`, slowest first (per-file times in the README, Tests). With
+#: The slowest files of `make test`, slowest first (summed test times, AMD EPYC, 2026-12-03). With
 #: ``--dist loadfile --no-loadscope-reorder`` each file goes whole to the next free worker in
 #: this order, so the long ones start at once instead of running alone at the end. Lesson 05's
 #: nbval run comes after the second-run file has passed lesson 05 (they share its lock).
 SLOWEST_FIRST = (
-    "tests/test_notebooks_rerun.py",
-    "notebooks/07_full_finetuning_lab.ipynb",
-    "notebooks/09_lora_zoo.ipynb",
-    "notebooks/11_merge_and_deploy.ipynb",
-    "notebooks/10_preference_tuning.ipynb",
-    "tests/test_grading.py",
-    "notebooks/08_unsloth_lab.ipynb",
-    "notebooks/06_qlora_lab.ipynb",
-    "notebooks/05_lora_lab.ipynb",
+    "tests/test_notebooks_rerun.py",  # 290 s: lessons 00-05 again
+    "tests/test_exercises.py",  # 213 s: nbgrader validate on every master and exercise
+    "notebooks/11_merge_and_deploy.ipynb",  # 196 s
+    "notebooks/07_full_finetuning_lab.ipynb",  # 164 s
+    "notebooks/10_preference_tuning.ipynb",  # 152 s
+    "tests/test_grading.py",  # 136 s
+    "notebooks/08_unsloth_lab.ipynb",  # 129 s
+    "notebooks/09_lora_zoo.ipynb",  # 113 s
+    "notebooks/06_qlora_lab.ipynb",  # 110 s
+    "notebooks/05_lora_lab.ipynb",  # 166 s, but after the second run of 05 (their lock)
+    "tests/test_browser_widgets.py",  # 99 s
+    "tests/test_assets.py",  # 75 s
+    "tests/test_deploy.py",  # 68 s
 )
 
 
