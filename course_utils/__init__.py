@@ -13,6 +13,7 @@ One module per idea, each read by the lesson that teaches it:
 - ``widgets``    the rank/alpha explorers and the memory calculator                     (02, 03)
 - ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (04)
 - ``train``      LoRA, QLoRA and full fine-tuning through TRL's SFTTrainer, measured   (05-07)
+- ``fused_loss`` the LM head and cross-entropy a chunk at a time, gradient in one pass (07, 08)
 - ``evaluate``   task scores, perplexity and forgetting, logit equality, sizes on disk (05-07)
 - ``unsloth_backend``  the course model through Unsloth, and which backend it ran on       (08)
 - ``methods``    the LoRA zoo behind one name: rsLoRA, DoRA, VeRA, LoRA+, LoRA-FA, PiSSA   (09)
