@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .data import IGNORE_INDEX  # -100: the label torch's cross-entropy and every HF model skip
+
 __all__ = [
     "CHUNK_TOKENS",
     "LossParts",
@@ -40,7 +42,6 @@ __all__ = [
 #: Labelled tokens per chunk: 256 x 49,152 logits, 8 bytes each (the logits' log-softmax and
 #: its softmax) = 96 MB at the peak for SmolLM2. Larger chunks were not faster on 2 cores.
 CHUNK_TOKENS = 256
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -115,6 +116,11 @@ def _check_inputs(hidden, weight, labels, chunk_tokens) -> None:
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be integer token ids (got {labels.dtype}).")
+    _check_chunk_tokens(chunk_tokens)
+
+
+def _check_chunk_tokens(chunk_tokens: object) -> None:
+    """Raise unless `chunk_tokens` is an integer > 0."""
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be a positive integer (got {chunk_tokens!r}).")
 
@@ -182,8 +188,7 @@ def patch_lm_head(model, chunk_tokens: int = CHUNK_TOKENS) -> None:
     ``chunked_nll`` forward). A call without labels (generation) runs the model's own forward.
     For a PEFT model pass ``peft_model.get_base_model()``.
     """
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be a positive integer (got {chunk_tokens!r}).")
+    _check_chunk_tokens(chunk_tokens)
     _check_plain_head(model)
     own_forward = type(model).forward.__get__(model)
 
