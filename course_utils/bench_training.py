@@ -20,12 +20,17 @@ What each number means
   kernels and the optimizer; steps 2 and 3 run under the memory profiler, which slows them).
 * **tokens/s**: tokens per step / time per step.
 * **MFU** (model FLOPs utilisation): model FLOPs per second / the fp32 matmul rate this machine
-  reached in the same run (`matmul_rate`, the best of a square and a model-shaped product).
+  reached *while that workload ran*: `matmul_rate` on a model-shaped product, sampled in the
+  workload's own process after each step (outside the step's timing), the best sample of the
+  timed steps. A shared machine speeds up and slows down by 20 % and more within minutes; a rate
+  measured once, before every workload, would credit or blame a workload for the spell it ran in.
   Model FLOPs per token: ``6·N`` for full fine-tuning (forward 2N, backward 4N: input and weight
   gradients); ``4·N + 6·N_lora`` for LoRA and QLoRA (the frozen weights need input gradients but
   no weight gradients; the adapters need both). N counts every parameter once (SmolLM2 ties its
-  embedding to the output layer, whose matmul is the FLOPs); attention scores, norms, the
-  recomputation of gradient checkpointing and NF4 dequantization are not counted.
+  embedding to the output layer, whose matmul is the FLOPs), and the output layer counts only on
+  the tokens with a label (on chat data the prompt's logits are not needed, and the fused loss
+  does not compute them); attention scores, norms, the recomputation of gradient checkpointing
+  and NF4 dequantization are not counted.
 * **peak memory**: bytes of live tensors during steps 2-3 (`train.train(measure_memory=True)`,
   via `bench.PeakMemory`), next to `memory.estimate` for the same batch and loss (the course's
   fused loss, `course_utils.fused_loss`, and Unsloth's CPU cross-entropy hold the logits one
@@ -80,6 +85,7 @@ TARGETS = {
 }
 MB = 2**20
 _TIMED_AFTER = 3  # step 1 warms up; steps 2-3 run under the memory profiler
+_SAMPLE_SHAPE = (1024, 576, 1536)  # the MLP's up-projection of 8 x 128 tokens (m, k, n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +212,18 @@ def _step_timer(step_seconds: list[float]):
     return StepTimer()
 
 
+def _rate_sampler(rates: list[float]):
+    """A TrainerCallback that appends the fp32 matmul rate, measured after every step, to `rates`."""
+    from transformers import TrainerCallback
+
+    class RateSampler(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # the last callback: the step timer and the memory profiler have stopped already
+            rates.append(matmul_rate(shapes=(_SAMPLE_SHAPE,), repeats=3))
+
+    return RateSampler()
+
+
 def _plain_trainer_lora(
     model, tokenizer, dataset, steps: int, batch: int, lora_r: int, lr: float
 ) -> dict:
@@ -227,6 +245,7 @@ def _plain_trainer_lora(
     )
     model = get_peft_model(model, config)
     step_seconds: list[float] = []
+    rates: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -250,7 +269,7 @@ def _plain_trainer_lora(
             train_dataset=dataset,
             # blocks are all one length; chat examples are padded per batch (labels with -100)
             data_collator=data.make_collator(tokenizer.pad_token_id),
-            callbacks=[_step_timer(step_seconds)],
+            callbacks=[_step_timer(step_seconds), _rate_sampler(rates)],
         )
         trainer.remove_callback(PrinterCallback)  # the log dicts, printed (the course path too)
         trainer.train()
@@ -262,6 +281,7 @@ def _plain_trainer_lora(
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory": None,
+        "matmul_rates": rates,
         "model": model,
     }
 
@@ -272,6 +292,7 @@ def _train_measured(
     """train.train (TRL SFTTrainer) on a prepared model, memory measured; the bench's fields."""
     from . import train
 
+    rates: list[float] = []
     result = train.train(
         model,
         tokenizer,
@@ -284,6 +305,7 @@ def _train_measured(
         measure_memory=True,
         progress_bar=False,
         loss_type=loss_type,
+        callbacks=[_rate_sampler(rates)],
     )
     return {
         "step_seconds": result.step_seconds,
@@ -291,6 +313,7 @@ def _train_measured(
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "peak_memory": result.peak_memory,
+        "matmul_rates": rates,
         "model": model,
     }
 
@@ -318,6 +341,7 @@ def run_workload(
 ) -> dict:
     """Run one workload in this process and return its measurements (a JSON-able dict)."""
     from . import assets
+    from .data import IGNORE_INDEX
 
     workload = _check_workloads([workload])[0]
     data = _check_data(data)
@@ -337,6 +361,10 @@ def run_workload(
         dataset = _chat(tokenizer, steps * batch)
     # one epoch exactly, same seed: both paths see the same batches in the same order
     tokens_per_step = sum(len(ids) for ids in dataset["input_ids"]) / steps
+    # the positions the loss counts: label t + 1 is predicted at t, so the first label never is
+    labelled_per_step = sum(
+        sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"]
+    ) / steps
     base = _load(model, method, tokenizer, where, path)
     if path == "course":
         out = _course_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate)
@@ -351,6 +379,8 @@ def run_workload(
     step_seconds = out["step_seconds"]
     timed = step_seconds[_TIMED_AFTER:] or step_seconds[1:]
     per_step = sorted(timed)[len(timed) // 2]
+    # rates[i] follows step i + 1: the samples around the timed steps
+    rates = out["matmul_rates"][_TIMED_AFTER - 1 :] or out["matmul_rates"]
     return {
         "workload": workload,
         "path": path,
@@ -364,9 +394,11 @@ def run_workload(
         "seq_len": seq_len if data == "blocks" else None,
         "lora_r": lora_r,
         "tokens_per_step": tokens_per_step,
+        "labelled_per_step": labelled_per_step,
         "seconds_per_step": per_step,
         "tokens_per_second": tokens_per_step / per_step,
         "timed_steps": len(timed),
+        "matmul_rate": max(rates),
         "config": {key: config.get(key) for key in _CONFIG_KEYS},
         "seconds": time.perf_counter() - started,
         **out,
@@ -419,15 +451,32 @@ def matmul_rate(
     return best
 
 
-def flops_per_token(method: str, total_params: int, trainable_params: int) -> int:
-    """Model FLOPs of one training token: 6·N (full) or 4·N + 6·N_lora (LoRA, QLoRA)."""
+def flops_per_token(
+    method: str,
+    total_params: int,
+    trainable_params: int,
+    *,
+    head_params: int = 0,
+    labelled: float = 1.0,
+) -> int:
+    """Model FLOPs of one training token: 6·N (full) or 4·N + 6·N_lora (LoRA, QLoRA).
+
+    The output layer's `head_params` count only on the `labelled` share of the tokens: the loss
+    needs no logits where the label is -100 (a chat prompt), so those FLOPs are not model FLOPs.
+    """
     from .train import _check_method
 
     _check_method(method)
     _check_sizes(total_params=total_params, trainable_params=trainable_params)
+    if isinstance(head_params, bool) or not isinstance(head_params, int) or head_params < 0:
+        raise ValueError(f"head_params must be an int >= 0 (got {head_params!r}), e.g. 0.")
+    if isinstance(labelled, bool) or not isinstance(labelled, int | float) or not 0 <= labelled <= 1:
+        raise ValueError(f"labelled must be a share in [0, 1] (got {labelled!r}), e.g. 1.0.")
+    per_head = 6 if method == "full" else 4  # a frozen head needs no weight gradient
+    unused = round(per_head * head_params * (1 - labelled))
     if method == "full":
-        return 6 * total_params
-    return 4 * (total_params - trainable_params) + 6 * trainable_params
+        return 6 * total_params - unused
+    return 4 * (total_params - trainable_params) + 6 * trainable_params - unused
 
 
 def _loss(row: dict) -> str:
@@ -459,10 +508,22 @@ def _estimate(row: dict) -> int:
 
 
 def _with_derived(row: dict, rate: float) -> dict:
-    """Add MFU and the estimator's number (with its error) to one measured row."""
-    per_token = flops_per_token(row["method"], row["total_params"], row["trainable_params"])
-    row = {**row, "flops_per_token": per_token, "matmul_rate": rate}
-    row["mfu"] = per_token * row["tokens_per_second"] / rate
+    """Add MFU (over the workload's own matmul rate) and the estimator's number to one row.
+
+    `rate` is the parent's rate, measured before the workloads; it stands in only for a row
+    that sampled none.
+    """
+    config = row["config"]
+    per_token = flops_per_token(
+        row["method"],
+        row["total_params"],
+        row["trainable_params"],
+        head_params=config["vocab_size"] * config["hidden_size"],
+        labelled=row["labelled_per_step"] / row["tokens_per_step"],
+    )
+    row = {**row, "flops_per_token": per_token, "parent_matmul_rate": rate}
+    row["matmul_rate"] = row.get("matmul_rate") or rate
+    row["mfu"] = per_token * row["tokens_per_second"] / row["matmul_rate"]
     if row["peak_memory"] and row["seq_len"]:  # chat batches vary in length: not estimated
         row["estimated_memory"] = _estimate(row)
         row["estimator_error"] = row["estimated_memory"] / row["peak_memory"] - 1
@@ -536,6 +597,7 @@ _COLUMNS = (
     ("seconds_per_step", "s/step", "{:.2f}"),
     ("tokens_per_second", "tokens/s", "{:.1f}"),
     ("flops_per_token", "GFLOP/token", None),
+    ("matmul_rate", "matmul GFLOP/s", None),
     ("mfu", "MFU", "{:.1%}"),
     ("peak_memory", "peak MB", None),
     ("estimated_memory", "estimated MB", None),
@@ -552,6 +614,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
         return f"{value / MB:.0f}"
     if key == "flops_per_token":
         return f"{value / 1e9:.3f}"
+    if key == "matmul_rate":
+        return f"{value / 1e9:.0f}"
     return fmt.format(value)
 
 
@@ -585,8 +649,10 @@ def format_table(rows: Sequence[dict], info: dict | None = None) -> str:
         f"Model {first['model']}, {first['device']} {first['dtype']}, batch {first['batch']} x "
         f"{tokens}, LoRA r={first['lora_r']} alpha={2 * first['lora_r']} on all linear layers, "
         f"AdamW; median of {first['timed_steps']} timed steps of {first['steps']}"
-        f"{_rounds_note(rows)}; fp32 matmul rate measured in this run: "
-        f"{first['matmul_rate'] / 1e9:.1f} GFLOP/s."
+        f"{_rounds_note(rows)}. MFU is over the fp32 matmul rate each workload reached in its own "
+        f"process (a {'x'.join(map(str, _SAMPLE_SHAPE))} product after every step, the best "
+        f"sample of its timed steps; the parent measured {first['parent_matmul_rate'] / 1e9:.1f}"
+        " GFLOP/s before the workloads)."
     )
     lines.append("")
     lines.append("| " + " | ".join(title for _, title, _ in _COLUMNS) + " |")

@@ -69,11 +69,28 @@ def test_mfu_is_model_flops_over_the_measured_matmul_rate(bench_run):
     for row in rows:
         n, trained = row["total_params"], row["trainable_params"]
         per_token = 6 * n if row["method"] == "full" else 4 * (n - trained) + 6 * trained
+        # blocks of 32 tokens: the first label of a block is never predicted, so the output
+        # layer (vocab x hidden, frozen under LoRA) runs on 31 of 32 tokens per block
+        head = row["config"]["vocab_size"] * row["config"]["hidden_size"]
+        per_token -= round((6 if row["method"] == "full" else 4) * head / 32)
+        assert row["labelled_per_step"] == 2 * 31
         assert row["flops_per_token"] == per_token
         assert row["matmul_rate"] > 1e8  # any CPU multiplies faster than 0.1 GFLOP/s
         assert row["mfu"] == pytest.approx(
             per_token * row["tokens_per_second"] / row["matmul_rate"]
         )
+
+
+def test_each_workload_measures_its_own_matmul_rate_after_every_step(bench_run):
+    _, rows = bench_run
+    for row in rows:
+        samples = row["matmul_rates"]
+        assert len(samples) == len(row["step_seconds"]) == 4, row["workload"]
+        # the best sample after steps 3 and 4, the steps timed (step 4) and the one before
+        assert row["matmul_rate"] == max(samples[2:])
+        assert row["parent_matmul_rate"] > 1e8
+    table = (bench_run[0] / "train.md").read_text()
+    assert "the parent measured" in table and "| matmul GFLOP/s |" in table
 
 
 def test_peak_memory_is_measured_for_the_course_path_and_compared_with_the_estimator(bench_run):
@@ -119,6 +136,17 @@ def test_flops_per_token_follows_the_stated_formulas():
         bench_training.flops_per_token("dora", 1000, 10)
     with pytest.raises(ValueError, match="total_params"):
         bench_training.flops_per_token("full", 0, 0)
+    # a head of 100 parameters used on a quarter of the tokens: 3/4 of its FLOPs are not needed
+    assert bench_training.flops_per_token("full", 1000, 1000, head_params=100, labelled=0.25) == (
+        6000 - 450
+    )
+    assert bench_training.flops_per_token("lora", 1000, 10, head_params=100, labelled=0.5) == (
+        4 * 990 + 60 - 200
+    )
+    with pytest.raises(ValueError, match="labelled"):
+        bench_training.flops_per_token("full", 1000, 1000, head_params=100, labelled=1.5)
+    with pytest.raises(ValueError, match="head_params"):
+        bench_training.flops_per_token("full", 1000, 1000, head_params=-1)
 
 
 def test_matmul_rate_is_positive_and_checks_its_arguments():
