@@ -362,9 +362,10 @@ def run_workload(
     # one epoch exactly, same seed: both paths see the same batches in the same order
     tokens_per_step = sum(len(ids) for ids in dataset["input_ids"]) / steps
     # the positions the loss counts: label t + 1 is predicted at t, so the first label never is
-    labelled_per_step = sum(
-        sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"]
-    ) / steps
+    labelled_per_step = (
+        sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
+        / steps
+    )
     base = _load(model, method, tokenizer, where, path)
     if path == "course":
         out = _course_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate)
@@ -470,7 +471,11 @@ def flops_per_token(
     _check_sizes(total_params=total_params, trainable_params=trainable_params)
     if isinstance(head_params, bool) or not isinstance(head_params, int) or head_params < 0:
         raise ValueError(f"head_params must be an int >= 0 (got {head_params!r}), e.g. 0.")
-    if isinstance(labelled, bool) or not isinstance(labelled, int | float) or not 0 <= labelled <= 1:
+    if (
+        isinstance(labelled, bool)
+        or not isinstance(labelled, int | float)
+        or not 0 <= labelled <= 1
+    ):
         raise ValueError(f"labelled must be a share in [0, 1] (got {labelled!r}), e.g. 1.0.")
     per_head = 6 if method == "full" else 4  # a frozen head needs no weight gradient
     unused = round(per_head * head_params * (1 - labelled))
