@@ -86,6 +86,7 @@ bench: model
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --out bench/results
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --data chat \
 		--out bench/results
+	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench loss --out bench/results
 	set -o pipefail; HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench memory \
 		--json bench/results/memory.json | tee bench/results/memory.txt
 

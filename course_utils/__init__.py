@@ -22,6 +22,7 @@ One module per idea, each read by the lesson that teaches it:
 - ``deploy``     generation speed, GGUF export and reload                                 (11)
 - ``bench``      the memory estimator measured against real training steps (`make bench`)
 - ``bench_training``  speed, MFU and peak memory of every method side by side (`make bench`)
+- ``bench_loss``  the fused loss raced alone against transformers' and TRL's (`make bench`)
 - ``grading``    nbgrader exercises and batch grading (`make exercises`, `make grade`)
 """
 

@@ -737,7 +737,7 @@ def _train_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_utils.bench train|memory``: the training record, the memory estimator."""
+    """``python -m course_utils.bench train|loss|memory``: training, the loss alone, memory."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "_step":
         result = _run_step(_step_parser().parse_args(argv[1:]))
@@ -752,8 +752,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "train":
         return _train_main(argv[1:])
+    if argv and argv[0] == "loss":
+        from .bench_loss import main as loss_main
+
+        return loss_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course_utils.bench", description=main.__doc__)
-    parser.add_argument("what", choices=["memory", "train"], help="what to benchmark")
+    parser.add_argument("what", choices=["memory", "train", "loss"], help="what to benchmark")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch", type=int, default=None, help="default 4 (ci profile: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 128 (ci profile: 64)")

@@ -26,7 +26,6 @@ import types
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import IGNORE_INDEX  # -100: the label torch's cross-entropy and every HF model skip
@@ -67,24 +66,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=compute)
         correct = hidden.new_zeros((), dtype=torch.float32)
         entropy = hidden.new_zeros((), dtype=torch.float32)
+        # two chunk-sized buffers, reused: fresh 50 MB tensors cost page faults every chunk
+        shape = (min(chunk_tokens, hidden.shape[0]), weight.shape[0])
+        z_buf, p_buf = (hidden.new_empty(shape, dtype=compute) for _ in range(2))
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
             rows = torch.arange(y.shape[0], device=y.device)
-            log_p = torch.log_softmax(F.linear(h, weight).to(compute), dim=-1)
-            correct += (log_p.argmax(dim=-1) == y).sum()
-            loss -= log_p[rows, y].sum()
-            p = torch.exp(log_p)
-            entropy -= (p.unsqueeze(1) @ log_p.unsqueeze(2)).sum()  # row dot products, no copy
-            del log_p
+            z, p = z_buf[: y.shape[0]], p_buf[: y.shape[0]]
+            _matmul_into(z, h, weight.t())  # the logits
+            z_max, top = z.max(dim=-1)  # the most likely token comes with the max
+            correct += (top == y).sum()
+            z.sub_(z_max.unsqueeze(1))
+            total = torch.exp(z, out=p).sum(dim=-1)  # one exp: p = e^z, normalized below
+            log_total = total.log()
+            loss -= (z[rows, y] - log_total).sum()  # -log p(label) = log sum e^z - z[label]
+            z_dot_p = (p.unsqueeze(1) @ z.unsqueeze(2)).view(-1) / total  # row dot products
+            entropy += (log_total - z_dot_p).sum()  # -sum p log p = log sum e^z - sum p z
             if want_h or want_w:
+                p.div_(total.unsqueeze(1))
                 p[rows, y] -= 1  # now dL/dz for each row's summed loss
                 grad_z = p.to(weight.dtype)
                 if want_h:
-                    grad_h[start : start + chunk_tokens] = grad_z @ weight
+                    _matmul_into(grad_h[start : start + chunk_tokens], grad_z, weight)
                 if want_w:
-                    grad_w += grad_z.t() @ h.to(weight.dtype)
+                    _matmul_into(grad_w, grad_z.t(), h.to(weight.dtype), accumulate=True)
                 del grad_z
-            del p  # before the next chunk's logits exist
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct, entropy)
@@ -97,6 +103,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         out_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
         out_w = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
         return out_h, out_w, None, None
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate=False) -> None:
+    """out = a @ b (out += a @ b with `accumulate`), in place where the dtypes allow it."""
+    autocast = torch.is_autocast_enabled(out.device.type)
+    if a.dtype == b.dtype == out.dtype and not autocast:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif accumulate:
+        out += a @ b
+    else:
+        out.copy_(a @ b)
 
 
 def _check_inputs(hidden, weight, labels, chunk_tokens) -> None:
