@@ -68,14 +68,15 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw_8bit": 2 * (1 + 4 / 256), "sgd
 #: and the bytes per token and vocabulary entry, measured against the libraries by the tests.
 #: standard: transformers' cross-entropy over the full logits (logits, log-probabilities and
 #: their gradient); fused: the labs' path (`course_utils.fused_loss`), 256 labelled tokens per
-#: chunk, log-probabilities and probabilities, the gradient formed in the forward pass (and,
+#: chunk, their logits overwritten by the softmax with 32 rows of probabilities beside them
+#: (4 + 4 x 32 / 256 = 4.5 bytes per entry), the gradient formed in the forward pass (and,
 #: when the head trains, its weight's gradient kept until the backward pass); chunked_nll:
 #: TRL's default loss, 256 labelled tokens per chunk, recomputed in the backward pass with the
 #: probabilities for the entropy TRL logs; unsloth_cpu: Unsloth's CPU cross-entropy, chunks of
 #: 16 Mi logits whose gradient it forms in the forward pass (a SmolLM2 chunk: 341 tokens).
 LOSSES = {
     "standard": {"chunk_tokens": None, "bytes_per_entry": 12},
-    "fused": {"chunk_tokens": 256, "bytes_per_entry": 8, "keeps_head_gradient": True},
+    "fused": {"chunk_tokens": 256, "bytes_per_entry": 4.5, "keeps_head_gradient": True},
     "chunked_nll": {"chunk_tokens": 256, "bytes_per_entry": 16},
     "unsloth_cpu": {"chunk_elements": 16 * 2**20, "bytes_per_entry": 8},
 }
@@ -363,7 +364,7 @@ def _logit_bytes(vocab_size: int, tokens: int, loss: str) -> int:
     """Bytes of fp32 logits (and what the loss derives from them) at the loss's peak."""
     chunk = loss_chunk_tokens(loss, vocab_size)
     held = tokens if chunk is None else min(tokens, chunk)
-    return held * vocab_size * LOSSES[loss]["bytes_per_entry"]
+    return int(held * vocab_size * LOSSES[loss]["bytes_per_entry"])
 
 
 def _activation_bytes(
