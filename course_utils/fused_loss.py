@@ -70,7 +70,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         entropy = hidden.new_zeros((), dtype=torch.float32)
         # one chunk of logits, reused (a fresh 50 MB tensor per chunk costs page faults), and
         # a few rows of probabilities: the softmax overwrites the logits block by block
-        z_buf = hidden.new_empty((min(chunk_tokens, hidden.shape[0]), weight.shape[0]), dtype=compute)
+        z_buf = hidden.new_empty(
+            (min(chunk_tokens, hidden.shape[0]), weight.shape[0]), dtype=compute
+        )
         e_buf = z_buf.new_empty((min(ROW_BLOCK, z_buf.shape[0]), weight.shape[0]))
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
