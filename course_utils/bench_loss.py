@@ -31,7 +31,7 @@ import torch
 
 from . import env, fused_loss
 
-__all__ = ["HEADS", "LOSSES", "check_agreement", "format_table", "race", "run"]
+__all__ = ["HEADS", "LOSSES", "LOSS_FUNCTIONS", "check_agreement", "format_table", "race", "run"]
 
 #: The losses raced, in the order they are printed.
 LOSSES = ("standard", "chunked_nll", "fused")
@@ -60,7 +60,7 @@ def _fused(hidden, weight, labels):
     return parts.loss_sum / parts.n_valid
 
 
-_FUNCTIONS: dict[str, Callable] = {
+LOSS_FUNCTIONS: dict[str, Callable] = {
     "standard": _standard,
     "chunked_nll": _chunked_nll,
     "fused": _fused,
@@ -85,7 +85,7 @@ def _loss_and_grads(name: str, hidden, weight, labels, head: str):
     """One loss and its backward pass: (loss, grad of hidden, grad of weight or None)."""
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_(head == "trained")
-    loss = _FUNCTIONS[name](h, w, labels)
+    loss = LOSS_FUNCTIONS[name](h, w, labels)
     grads = torch.autograd.grad(loss, (h, w) if head == "trained" else (h,))
     return loss.detach(), grads[0], grads[1] if head == "trained" else None
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from course_utils import assets, fused_loss
+from course_utils import assets, bench_loss, fused_loss
 from course_utils import memory as M
 from course_utils.quant import double_quant_bits_per_param
 
@@ -138,30 +138,9 @@ def _loss_peak_bytes(loss_fn) -> int:
     return peak.peak
 
 
-def _standard_loss(hidden, weight, labels):
-    """What LlamaForCausalLM does with labels: the full logits, then transformers' loss."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    return ForCausalLMLoss(hidden @ weight.T, labels, vocab_size=LOSS_VOCAB)
-
-
-def _trl_chunked_loss(hidden, weight, labels):
-    """TRL's default loss (the labs' path), with TRL's own chunk size."""
-    from trl.trainer import sft_trainer
-
-    chunk = sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
-    return sft_trainer._chunked_cross_entropy_loss(hidden, weight, chunk, labels=labels)[0]
-
-
-def _fused_loss(hidden, weight, labels):
-    """The labs' loss: course_utils.fused_loss, with its own chunk size."""
-    parts = fused_loss.linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:])
-    return parts.loss_sum / parts.n_valid
-
-
 @pytest.mark.parametrize(
     "loss, loss_fn",
-    [("standard", _standard_loss), ("chunked_nll", _trl_chunked_loss), ("fused", _fused_loss)],
+    list(bench_loss.LOSS_FUNCTIONS.items()),  # transformers', TRL's, the labs'
 )
 def test_each_loss_holds_the_logits_the_estimator_counts(loss, loss_fn):
     measured = _loss_peak_bytes(loss_fn)
