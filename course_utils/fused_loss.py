@@ -64,7 +64,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=compute) if want_w else None
+        # the first chunk's product writes the head's gradient, the others add to it (no 113 MB
+        # fill of zeros for SmolLM2); zeros only when no token is labelled
+        grad_w = None
+        if want_w:
+            grad_w = (torch.empty_like if hidden.shape[0] else torch.zeros_like)(
+                weight, dtype=compute
+            )
         loss = hidden.new_zeros((), dtype=compute)
         correct = hidden.new_zeros((), dtype=torch.float32)
         entropy = hidden.new_zeros((), dtype=torch.float32)
@@ -100,7 +106,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if want_h:
                     _matmul_into(grad_h[start : start + chunk_tokens], grad_z, weight)
                 if want_w:
-                    _matmul_into(grad_w, grad_z.t(), h.to(weight.dtype), accumulate=True)
+                    _matmul_into(grad_w, grad_z.t(), h.to(weight.dtype), accumulate=start > 0)
                 del grad_z
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -111,9 +117,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_correct, _grad_entropy):
         """Scale the gradients formed in forward by the incoming gradient of the loss sum."""
         grad_h, grad_w = ctx.saved_tensors
-        out_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-        out_w = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
-        return out_h, out_w, None, None
+        return _scaled(grad_h, grad_loss), _scaled(grad_w, grad_loss, ctx.weight_dtype), None, None
+
+
+def _scaled(grad, grad_loss, dtype=None) -> torch.Tensor | None:
+    """grad * grad_loss in `dtype` (default: grad's), in place where the dtypes allow it."""
+    # A fresh copy of SmolLM2's fp32 head gradient costs 113 MB of page faults per step; a
+    # second backward pass through the same graph is refused by autograd's saved-tensor check.
+    if grad is None:
+        return None
+    dtype = dtype or grad.dtype
+    if grad.dtype == dtype:
+        return grad.mul_(grad_loss.to(dtype))
+    return (grad * grad_loss).to(dtype)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate=False) -> None:

@@ -31,6 +31,22 @@ def test_loss_and_gradients_equal_torch_cross_entropy(chunk_tokens):
     torch.testing.assert_close(got_w, ref_w)
 
 
+def test_no_labelled_token_gives_zero_gradients():
+    h, w, y = _inputs()
+    y[:] = fused_loss.IGNORE_INDEX
+    got_h, got_w = torch.autograd.grad(fused_loss.linear_cross_entropy(h, w, y).loss_sum, (h, w))
+    assert not got_h.any() and not got_w.any()
+
+
+def test_a_second_backward_pass_is_refused_not_scaled_twice():
+    # backward scales the gradients kept from the forward pass in place
+    h, w, y = _inputs()
+    loss = fused_loss.linear_cross_entropy(h, w, y).loss_sum
+    torch.autograd.grad(2 * loss, (h, w), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(2 * loss, (h, w))
+
+
 def test_counts_are_what_trl_logs():
     h, w, y = _inputs()
     parts = fused_loss.linear_cross_entropy(h, w, y, chunk_tokens=50)
