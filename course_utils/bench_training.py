@@ -6,8 +6,9 @@ Python language reference (``course_utils.data``) cut into blocks of ``seq_len``
 step sees exactly ``batch x seq_len`` real tokens and no padding. The workloads:
 
 * ``course-full``, ``course-lora``, ``course-qlora``: the labs' own path,
-  ``train.prepare_model`` + ``train.train`` (TRL's ``SFTTrainer``), LoRA r=16 on every linear
-  layer, QLoRA on the NF4 model with gradient checkpointing;
+  ``train.prepare_model`` + ``train.train`` (TRL's ``SFTTrainer`` with the course's fused loss
+  and SwiGLU), LoRA r=16 on every linear layer, QLoRA on the NF4 model with gradient
+  checkpointing;
 * ``trainer-lora``: the same LoRA workload through plain ``transformers.Trainer`` + PEFT, the
   reference the course path must not be slower than;
 * ``unsloth-lora``: the same LoRA through Unsloth (``FastLanguageModel``, lab 08) and
@@ -32,9 +33,11 @@ What each number means
   does not compute them); attention scores, norms, the recomputation of gradient checkpointing
   and NF4 dequantization are not counted.
 * **peak memory**: bytes of live tensors during steps 2-3 (`train.train(measure_memory=True)`,
-  via `bench.PeakMemory`), next to `memory.estimate` for the same batch and loss (the course's
-  fused loss, `course_utils.fused_loss`, and Unsloth's CPU cross-entropy hold the logits one
-  chunk of tokens at a time, `memory.LOSSES`); the error is estimated / measured - 1.
+  via `bench.PeakMemory`), next to `memory.estimate` for the same batch, loss and MLP (the
+  course's fused loss, `course_utils.fused_loss`, and Unsloth's CPU cross-entropy hold the
+  logits one chunk of tokens at a time, `memory.LOSSES`; the course's `course_utils.swiglu`
+  keeps three MLP tensors per layer instead of four, `memory.MLPS`); the error is
+  estimated / measured - 1.
 
 `run` writes ``train.md``, ``train.csv`` and ``train.png`` to the output folder
 (``bench/results/`` by default) and returns the rows.
@@ -194,7 +197,7 @@ def _unsloth_path(model, tokenizer, dataset, steps, batch, lora_r, lr) -> dict:
     from . import unsloth_backend
 
     model = unsloth_backend.get_peft_model(model, r=lora_r)
-    out = _train_measured(model, tokenizer, dataset, "lora", steps, batch, lr, loss_type="nll")
+    out = _train_measured(model, tokenizer, dataset, "lora", steps, batch, lr, course_kernels=False)
     return {**out, "backend": unsloth_backend.describe(model)}
 
 
@@ -287,9 +290,13 @@ def _plain_trainer_lora(
 
 
 def _train_measured(
-    model, tokenizer, dataset, method, steps, batch, lr, loss_type: str = "fused"
+    model, tokenizer, dataset, method, steps, batch, lr, course_kernels: bool = True
 ) -> dict:
-    """train.train (TRL SFTTrainer) on a prepared model, memory measured; the bench's fields."""
+    """train.train (TRL SFTTrainer) on a prepared model, memory measured; the bench's fields.
+
+    `course_kernels`: the course's fused loss and SwiGLU; False: the plain loss and the
+    model's own MLP (what Unsloth's CPU fallback replaces with its chunked loss).
+    """
     from . import train
 
     rates: list[float] = []
@@ -304,7 +311,8 @@ def _train_measured(
         live_plot=False,
         measure_memory=True,
         progress_bar=False,
-        loss_type=loss_type,
+        loss_type="fused" if course_kernels else "nll",
+        fused_mlp=course_kernels,
         callbacks=[_rate_sampler(rates)],
     )
     return {
@@ -509,6 +517,7 @@ def _estimate(row: dict) -> int:
         lora_r=row["lora_r"],
         gradient_checkpointing=row["method"] == "qlora",
         loss=_loss(row),
+        mlp="swiglu" if row["path"] == "course" else "standard",
     ).total
 
 

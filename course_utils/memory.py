@@ -38,6 +38,7 @@ __all__ = [
     "GPUS",
     "LLAMA_LINEAR_LAYERS",
     "LOSSES",
+    "MLPS",
     "OPTIMIZER_BYTES_PER_PARAM",
     "PRESETS",
     "MemoryEstimate",
@@ -80,6 +81,11 @@ LOSSES = {
     "chunked_nll": {"chunk_tokens": 256, "bytes_per_entry": 16},
     "unsloth_cpu": {"chunk_elements": 16 * 2**20, "bytes_per_entry": 8},
 }
+
+#: How an MLP keeps its SwiGLU for the backward pass, as tensors of intermediate_size per token
+#: and layer: standard: gate, up, SiLU(gate) and their product (two PyTorch ops);
+#: swiglu: the labs' path (`course_utils.swiglu`), SiLU(gate) recomputed in the backward pass.
+MLPS = {"standard": 4, "swiglu": 3}
 
 #: The linear layers inside one Llama-style decoder layer (what PEFT's "all-linear" targets).
 LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -375,13 +381,14 @@ def _activation_bytes(
     checkpointing: bool,
     eager: bool,
     loss: str = "standard",
+    mlp: str = "standard",
 ) -> int:
     """A simple estimate of the activations autograd keeps for the backward pass.
 
     Per token and decoder layer a Llama layer saves roughly: the inputs and outputs of its two
     RMSNorms (4 x hidden), q, k and v before and after the rotary embedding and the attention
     output (3 x q_dim + 3 x kv_dim), and in the MLP gate, up, SiLU(gate) and their product
-    (4 x intermediate). Eager attention also keeps the scores and the softmax
+    (4 x intermediate; 3 x with ``mlp="swiglu"``, see MLPS). Eager attention also keeps the scores and the softmax
     (2 x heads x seq_len per token); SDPA/flash attention does not. The loss keeps the fp32
     log-probabilities (4 bytes per token and vocabulary entry), and the first two steps of the
     backward pass add their gradient and the logits' gradient, both fp32: 12 bytes at the peak,
@@ -394,7 +401,7 @@ def _activation_bytes(
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
     kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
-    per_layer = 4 * h + 3 * q_dim + 3 * kv_dim + 4 * inter
+    per_layer = 4 * h + 3 * q_dim + 3 * kv_dim + MLPS[mlp] * inter
     if eager:
         per_layer += 2 * cfg["num_attention_heads"] * seq_len
     layers = cfg["num_hidden_layers"]
@@ -421,6 +428,7 @@ def estimate(
     master_weights: bool = False,
     adapter_dtype: str = "fp32",
     loss: str = "standard",
+    mlp: str = "standard",
 ) -> MemoryEstimate:
     """Estimate training memory for full fine-tuning, LoRA or QLoRA.
 
@@ -431,7 +439,8 @@ def estimate(
     ``master_weights=True`` adds the fp32 copy that mixed-precision training keeps next to
     fp16/bf16 weights (2 + 2 + 4 + 8 = 16 bytes per parameter again). ``loss`` says how the
     loss holds the logits (LOSSES): ``"standard"`` (all of them), ``"fused"`` (the labs' path),
-    ``"chunked_nll"`` (TRL's default loss) or ``"unsloth_cpu"``.
+    ``"chunked_nll"`` (TRL's default loss) or ``"unsloth_cpu"``; ``mlp`` how the MLP keeps
+    its SwiGLU (MLPS): ``"standard"`` or ``"swiglu"`` (the labs' path, `course_utils.swiglu`).
     """
     method = _check_choice(method, "method", {"full", "lora", "qlora"})
     dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)
@@ -441,6 +450,7 @@ def estimate(
     batch = _check_positive_int(batch, "batch")
     seq_len = _check_positive_int(seq_len, "seq_len")
     loss = _check_choice(loss, "loss", LOSSES)
+    mlp = _check_choice(mlp, "mlp", MLPS)
     notes: list[str] = []
 
     if isinstance(config_or_params, bool):
@@ -502,7 +512,7 @@ def estimate(
         activations = 0
     else:
         activations = _activation_bytes(
-            cfg, batch, seq_len, w_bytes, gradient_checkpointing, attention == "eager", loss
+            cfg, batch, seq_len, w_bytes, gradient_checkpointing, attention == "eager", loss, mlp
         )
         if method == "full" and LOSSES[loss].get("keeps_head_gradient"):
             activations += cfg["vocab_size"] * cfg["hidden_size"] * 4  # fp32, until backward

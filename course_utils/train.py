@@ -7,6 +7,9 @@ Labs 05-07 read this module. One function, `train`, runs every method the same w
 - the model is prepared by `prepare_model`: all weights trainable (``"full"``), PEFT LoRA on a
   frozen base (``"lora"``), or PEFT LoRA on the 4-bit NF4 base after
   ``prepare_model_for_kbit_training`` (``"qlora"``);
+- the loss is `course_utils.fused_loss` (the LM head and the cross-entropy a chunk of tokens
+  at a time) and each MLP's SiLU(gate) * up is `course_utils.swiglu` (one tensor fewer kept
+  per layer); both give the same numbers as the model's own forward;
 - the precision follows `course_utils.env`: fp32 on a CPU, bf16 (fp16 on a T4) on a GPU;
 - every logged step lands in a `TrainResult` (loss, tokens, seconds), and with ``measure_memory``
   the peak bytes of live tensors during two steady-state steps are measured
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import data, env, fused_loss
+from . import data, env, fused_loss, swiglu
 
 __all__ = [
     "METHODS",
@@ -395,6 +398,7 @@ def train(
     progress_bar: bool = True,
     output_dir: str | os.PathLike | None = None,
     loss_type: str = "fused",
+    fused_mlp: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     callbacks: Sequence[Any] = (),
 ) -> TrainResult:
@@ -405,7 +409,9 @@ def train(
     Returns a `TrainResult`; the model is trained in place. `loss_type` is one of LOSS_TYPES:
     ``"fused"`` (`course_utils.fused_loss`, the fastest and smallest on a CPU), TRL's
     ``"chunked_nll"``, or ``"nll"``, the plain cross-entropy over all logits (which Unsloth's
-    CPU backend replaces with its own chunked one, lab 08).
+    CPU backend replaces with its own chunked one, lab 08). `fused_mlp` computes each MLP's
+    SiLU(gate) * up with `course_utils.swiglu` (the same numbers, 15 % fewer activations kept);
+    False leaves the model's own MLP forward (what Unsloth patches with its kernels, lab 08).
     `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
     rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
     """
@@ -420,6 +426,8 @@ def train(
         raise ValueError(f"warmup_steps must be an integer >= 0 (got {warmup_steps!r}).")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES} (got {loss_type!r}).")
+    if not isinstance(fused_mlp, bool):
+        raise TypeError(f"fused_mlp must be True or False (got {fused_mlp!r}).")
     callbacks = _check_extras(optimizer, callbacks)
     trainable, total = count_parameters(model)
     if trainable == 0:
@@ -478,6 +486,7 @@ def train(
         )
         trainer.remove_callback(_printer_callback())
         _use_loss(model, loss_type)
+        _use_mlp(model, fused_mlp)
         started = time.perf_counter()
         trainer.train()
         result.seconds = time.perf_counter() - started
@@ -493,6 +502,14 @@ def _use_loss(model, loss_type: str) -> None:
         fused_loss.patch_lm_head(causal_lm)
     elif loss_type == "nll":
         fused_loss.unpatch_lm_head(causal_lm)  # chunked_nll: TRL put its own forward on
+
+
+def _use_mlp(model, fused: bool) -> None:
+    """Put `course_utils.swiglu` on the model's MLPs (where it has Llama-style ones), or take it off."""
+    if fused:
+        swiglu.patch_mlp(model, missing_ok=True)
+    else:
+        swiglu.unpatch_mlp(model)
 
 
 def _check_extras(optimizer: object, callbacks: object) -> list:

@@ -218,6 +218,14 @@ def test_measure_model_bytes_counts_params4bit_storage():
 # ------------------------------------------------------------------------------ bad inputs
 
 
+def test_the_course_swiglu_lowers_the_estimate_by_one_mlp_tensor_per_layer():
+    """memory.MLPS is counted against the MLP itself in tests/test_swiglu.py."""
+    kw = {"method": "lora", "batch": 8, "seq_len": 128}
+    standard = M.estimate("SmolLM2-135M", **kw).activations
+    fused = M.estimate("SmolLM2-135M", mlp="swiglu", **kw).activations
+    assert standard - fused == 8 * 128 * 30 * 1536 * 4  # SiLU(gate): 180 MB over 30 layers
+
+
 def test_bad_inputs_raise_helpful_errors():
     with pytest.raises(ValueError, match="unknown preset"):
         M.estimate("GPT-5")
@@ -232,6 +240,8 @@ def test_bad_inputs_raise_helpful_errors():
         M.estimate(1000, batch=0)
     with pytest.raises(ValueError, match="loss must be one of"):
         M.estimate("SmolLM2-135M", loss="dft")
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        M.estimate("SmolLM2-135M", mlp="geglu")
     with pytest.raises(ValueError, match="Llama-style"):
         M.count_params({"n_embd": 768})
     with pytest.raises(ValueError, match="unknown target"):

@@ -214,6 +214,33 @@ def test_the_three_losses_give_the_same_losses(tokenizer, examples):
     assert firsts["chunked_nll"] == pytest.approx(firsts["nll"], rel=1e-4)
 
 
+def test_the_course_swiglu_trains_to_the_same_losses_and_can_be_left_off(tokenizer, examples):
+    """train(fused_mlp=True), the default, puts course_utils.swiglu on every MLP; False takes it off."""
+    losses, patched = {}, {}
+    for fused_mlp in (True, False):
+        env.seed_everything(0)
+        model = train.prepare_model(
+            assets.tiny_llama(tokenizer), "lora", lora=train.lora_config(r=4)
+        )
+        run = train.train(
+            model,
+            tokenizer,
+            examples,
+            method="lora",
+            steps=2,
+            batch_size=4,
+            progress_bar=False,
+            fused_mlp=fused_mlp,
+        )
+        losses[fused_mlp] = run.losses
+        layers = model.get_base_model().model.layers
+        patched[fused_mlp] = ["forward" in vars(layer.mlp) for layer in layers]
+    assert patched == {True: [True, True], False: [False, False]}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    with pytest.raises(TypeError, match="fused_mlp must be True or False"):
+        train.train(model, tokenizer, examples, method="lora", steps=1, fused_mlp="yes")
+
+
 def test_train_uses_the_given_optimizer_and_runs_extra_callbacks(tokenizer, examples):
     from transformers import TrainerCallback
 
