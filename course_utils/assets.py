@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import socket
@@ -29,10 +28,6 @@ from pathlib import Path
 import torch
 
 from course_utils.env import default_dtype, pick_device
-
-# bitsandbytes >= 0.50 looks for optional hub-hosted CPU kernels at import and logs a warning when
-# they are absent (they always are offline); its built-in CPU path is what the course uses.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 CACHE_VARIABLE = "COURSE_CACHE"
 SOURCES = ("auto", "hub", "offline")

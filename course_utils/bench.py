@@ -135,6 +135,26 @@ def _reset_rss_peak() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _c_stderr_silenced() -> Iterator[None]:
+    """Send what C++ code writes to file descriptor 2 to /dev/null inside the block.
+
+    torch's profiler (Kineto) prints a "USDT: ... profiler_start" line and a "profiler_stop"
+    line there every time it starts and stops; Jupyter shows them as red text under every cell
+    that trains with ``measure_memory=True``. Python exceptions are not affected.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class PeakMemory:
     """Peak bytes held by live torch tensors inside a ``with`` block, on CPU or CUDA.
 
@@ -173,7 +193,8 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+            with _c_stderr_silenced():
+                self._profiler.__enter__()
             _reset_rss_peak()
         return self
 
@@ -186,7 +207,8 @@ class PeakMemory:
             self.rss_peak = torch.cuda.max_memory_reserved(self.device)
             return
         self.rss_peak = _proc_status("VmHWM")
-        self._profiler.__exit__(*exc_info)
+        with _c_stderr_silenced():
+            self._profiler.__exit__(*exc_info)
         events = sorted(
             (event.start_ns(), event.nbytes())
             for event in self._profiler.profiler.kineto_results.events()

@@ -7,6 +7,7 @@ bf16 matmuls are ~27x slower there) and on a Colab GPU (bf16, or fp16 on a T4 th
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import random
@@ -30,6 +31,21 @@ REPORTED_PACKAGES = (
     "unsloth",
     "course-utils",
 )
+
+
+class _NoHubKernelAdvice(logging.Filter):
+    """Drop bitsandbytes' advice to `pip install kernels` (a hub download) on AVX512-BF16 CPUs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep every record but the one about the optional kernels-community CPU kernel."""
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# bitsandbytes 0.50 logs that warning whenever peft imports it on a CPU with AVX512-BF16: its
+# optional bf16 inference kernel comes from the Hugging Face hub, which the course never needs
+# (4-bit layers compute in fp32 here) and an offline laptop cannot reach. A learner would see a
+# warning in every lab telling them to install something that cannot help, so it is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelAdvice())
 
 
 def pick_device(prefer: str | None = None) -> torch.device:

@@ -4,6 +4,9 @@ The SmolLM2 comparison itself takes minutes, so it lives in `python -m course_ut
 memory`; here a tiny random Llama goes through the same code path in a subprocess.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -51,6 +54,24 @@ def test_peak_memory_rejects_other_devices_and_bad_phase_names():
     with bench.PeakMemory("cpu") as peak, pytest.raises(ValueError, match="name"):
         with peak.phase(""):
             pass
+
+
+def test_peak_memory_keeps_the_profilers_start_and_stop_lines_out_of_stderr():
+    # Kineto writes "USDT: ... profiler_start" to file descriptor 2, which Jupyter shows under
+    # the cell; the meter hides those lines and gives fd 2 back (the last write must get out).
+    code = (
+        "import os, torch\n"
+        "from course_utils.bench import PeakMemory\n"
+        "with PeakMemory('cpu') as peak:\n"
+        "    x = torch.ones(1000)\n"
+        "os.write(2, b'fd 2 works again\\n')\n"
+        "print(peak.peak)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 4000
+    assert "profiler_start" not in run.stderr and "profiler_stop" not in run.stderr, run.stderr
+    assert "fd 2 works again" in run.stderr
 
 
 # ------------------------------------------------------------------------------ the subprocess

@@ -1,5 +1,6 @@
 """course_utils.env: device, dtype, colab, seeding, profile and the report."""
 
+import logging
 import sys
 
 import pytest
@@ -92,3 +93,16 @@ def test_environment_report_and_print(capsys):
     out = capsys.readouterr().out
     assert printed.keys() == report.keys()
     assert "transformers" in out and str(report["transformers"]) in out
+
+
+def test_bitsandbytes_advice_to_install_hub_kernels_is_dropped_and_other_warnings_kept(caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+            "you already `pip install kernels`",
+            "No module named 'kernels'",
+        )
+        logger.warning("some other bitsandbytes warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["some other bitsandbytes warning"]
