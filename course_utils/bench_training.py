@@ -36,7 +36,7 @@ What each number means
   via `bench.PeakMemory`), next to `memory.estimate` for the same batch, loss and MLP (the
   course's fused loss, `course_utils.fused_loss`, and Unsloth's CPU cross-entropy hold the
   logits one chunk of tokens at a time, `memory.LOSSES`; the course's `course_utils.swiglu`
-  keeps three MLP tensors per layer instead of four, `memory.MLPS`); the error is
+  keeps two MLP tensors per layer instead of four, `memory.MLPS`); the error is
   estimated / measured - 1.
 
 `run` writes ``train.md``, ``train.csv`` and ``train.png`` to the output folder

@@ -84,8 +84,9 @@ LOSSES = {
 
 #: How an MLP keeps its SwiGLU for the backward pass, as tensors of intermediate_size per token
 #: and layer: standard: gate, up, SiLU(gate) and their product (two PyTorch ops);
-#: swiglu: the labs' path (`course_utils.swiglu`), SiLU(gate) recomputed in the backward pass.
-MLPS = {"standard": 4, "swiglu": 3}
+#: swiglu: the labs' path (`course_utils.swiglu`): only gate and up, SiLU(gate) and the product
+#: recomputed from them in the backward pass.
+MLPS = {"standard": 4, "swiglu": 2}
 
 #: The linear layers inside one Llama-style decoder layer (what PEFT's "all-linear" targets).
 LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -388,7 +389,7 @@ def _activation_bytes(
     Per token and decoder layer a Llama layer saves roughly: the inputs and outputs of its two
     RMSNorms (4 x hidden), q, k and v before and after the rotary embedding and the attention
     output (3 x q_dim + 3 x kv_dim), and in the MLP gate, up, SiLU(gate) and their product
-    (4 x intermediate; 3 x with ``mlp="swiglu"``, see MLPS). Eager attention also keeps the scores and the softmax
+    (4 x intermediate; 2 x with ``mlp="swiglu"``, see MLPS). Eager attention also keeps the scores and the softmax
     (2 x heads x seq_len per token); SDPA/flash attention does not. The loss keeps the fp32
     log-probabilities (4 bytes per token and vocabulary entry), and the first two steps of the
     backward pass add their gradient and the logits' gradient, both fp32: 12 bytes at the peak,

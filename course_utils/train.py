@@ -8,7 +8,7 @@ Labs 05-07 read this module. One function, `train`, runs every method the same w
   frozen base (``"lora"``), or PEFT LoRA on the 4-bit NF4 base after
   ``prepare_model_for_kbit_training`` (``"qlora"``);
 - the loss is `course_utils.fused_loss` (the LM head and the cross-entropy a chunk of tokens
-  at a time) and each MLP's SiLU(gate) * up is `course_utils.swiglu` (one tensor fewer kept
+  at a time) and each MLP's SiLU(gate) * up is `course_utils.swiglu` (two tensors fewer kept
   per layer); both give the same numbers as the model's own forward;
 - the precision follows `course_utils.env`: fp32 on a CPU, bf16 (fp16 on a T4) on a GPU;
 - every logged step lands in a `TrainResult` (loss, tokens, seconds), and with ``measure_memory``
@@ -410,8 +410,8 @@ def train(
     ``"fused"`` (`course_utils.fused_loss`, the fastest and smallest on a CPU), TRL's
     ``"chunked_nll"``, or ``"nll"``, the plain cross-entropy over all logits (which Unsloth's
     CPU backend replaces with its own chunked one, lab 08). `fused_mlp` computes each MLP's
-    SiLU(gate) * up with `course_utils.swiglu` (the same numbers, 15 % fewer activations kept);
-    False leaves the model's own MLP forward (what Unsloth patches with its kernels, lab 08).
+    SiLU(gate) * up with `course_utils.swiglu` (the same numbers, a quarter to a third fewer
+    activations kept); False leaves the model's own MLP forward (what Unsloth patches, lab 08).
     `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
     rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
     """

@@ -1,10 +1,10 @@
-"""Tests for course_utils.swiglu: the same numbers as the model's own MLP, one tensor fewer kept."""
+"""Tests for course_utils.swiglu: the same numbers as the model's own MLP, two tensors fewer kept."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from course_utils import assets, memory, swiglu, train
+from course_utils import assets, bench, memory, swiglu, train
 
 
 def _two_op(gate, up):
@@ -44,29 +44,61 @@ def test_only_one_input_trainable_gets_its_gradient():
     assert torch.equal(gate.grad, expected) and up.grad is None
 
 
-def _saved_intermediate_tensors(model, x) -> int:
-    """Distinct tensors of intermediate_size per row that one MLP's forward keeps for backward."""
-    mlp = model.model.layers[0].mlp
-    width = model.config.intermediate_size
-    kept = {}
+def _kept_intermediate_tensors(mlp, x, width: int) -> float:
+    """How many tensors of rows x `width` one MLP's forward leaves alive for the backward pass.
 
-    def pack(tensor):
-        if tuple(tensor.shape) == (len(x), width):  # rows x intermediate: not a weight
-            kept[tensor.untyped_storage().data_ptr()] = tensor
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(x)
-    return len(kept)
+    Measured as bytes (`bench.PeakMemory`), not by a saved-tensor hook: the patched MLP keeps
+    the usual tensors under another hook, so a counting hook would change what it counts.
+    """
+    with bench.PeakMemory("cpu") as meter:
+        with meter.phase("forward"):
+            out = mlp(x)
+    forward = meter.phases["forward"]
+    kept = forward["end"] - forward["start"] - out.nbytes
+    return kept / (len(x) * width * x.element_size())
 
 
 def test_a_patched_mlp_keeps_the_tensors_the_estimator_counts():
-    """memory.MLPS says 4 tensors of intermediate_size for the stock MLP, 3 for swiglu: count them."""
-    model = assets.tiny_llama(intermediate_size=48)  # 48 != every other width of the tiny model
+    """memory.MLPS says 4 tensors of intermediate_size for the stock MLP, 2 for swiglu: count them."""
+    model = assets.tiny_llama(intermediate_size=48)
+    mlp, width = model.model.layers[0].mlp, model.config.intermediate_size
     x = torch.randn(5, model.config.hidden_size, requires_grad=True)
-    assert _saved_intermediate_tensors(model, x) == memory.MLPS["standard"]
+    assert _kept_intermediate_tensors(mlp, x, width) == memory.MLPS["standard"] == 4
     swiglu.patch_mlp(model)
-    assert _saved_intermediate_tensors(model, x) == memory.MLPS["swiglu"]
+    assert _kept_intermediate_tensors(mlp, x, width) == memory.MLPS["swiglu"] == 2
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # another hook:
+        assert _kept_intermediate_tensors(mlp, x, width) == 3  # the product is saved as usual
+
+
+def test_a_patched_lora_mlp_recomputes_the_product_for_the_adapter_too():
+    model = train.prepare_model(
+        assets.tiny_llama(intermediate_size=48), "lora", lora=train.lora_config(r=4)
+    )
+    mlp = model.get_base_model().model.layers[0].mlp
+    width = model.config.intermediate_size
+    x = torch.randn(5, model.config.hidden_size, requires_grad=True)
+    standard = _kept_intermediate_tensors(mlp, x, width)
+    swiglu.patch_mlp(model)
+    assert standard - _kept_intermediate_tensors(mlp, x, width) == pytest.approx(2)  # SiLU, product
+
+
+def test_the_recomputed_product_gives_the_stock_gradients_bit_for_bit():
+    torch.manual_seed(0)
+    model = assets.tiny_llama(intermediate_size=48)
+    mlp = model.model.layers[0].mlp
+    x, grad = (torch.randn(2, 5, model.config.hidden_size) for _ in range(2))
+
+    def grads():
+        mlp.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        out = mlp(inputs)
+        out.backward(grad)
+        return [out.detach(), inputs.grad] + [p.grad for p in mlp.parameters()]
+
+    stock = grads()
+    swiglu.patch_mlp(model)
+    ours = grads()
+    assert all(torch.equal(a, b) for a, b in zip(ours, stock, strict=True))
 
 
 def test_a_patched_model_gives_the_same_logits_and_gradients_lora_included():
