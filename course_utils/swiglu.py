@@ -14,10 +14,11 @@ SiLU's derivative), ``SiLU(gate)`` and ``up`` (for the product's), and the produ
   fine-tuning) or a PEFT LoRA layer.
 
 For SmolLM2 and a batch of 8 x 128 tokens each is 6 MB less per layer, 360 MB over its 30
-layers whatever the method: 30 % of what LoRA's forward pass keeps, 25 % of full fine-tuning's. The recomputed numbers come from the same
-ops on the same inputs, so outputs and gradients equal the stock MLP's bit for bit (tested), on a
-CPU as on a GPU. Under another saved-tensor hook (non-reentrant gradient checkpointing, which
-recomputes everything anyway) the product is saved as usual.
+layers whatever the method: 30 % of what LoRA's forward pass keeps, 25 % of full fine-tuning's.
+The recomputed numbers come from the same ops on the same inputs, so outputs and gradients equal
+the stock MLP's bit for bit (tested), on a CPU as on a GPU. Under another saved-tensor hook
+(non-reentrant gradient checkpointing, which recomputes everything anyway) the product is saved
+as usual.
 
 `course_utils.train` puts it on every MLP of the model it trains (`patch_mlp`).
 """

@@ -1,4 +1,4 @@
-"""Tests for course_utils.swiglu: the same numbers as the model's own MLP, two tensors fewer kept."""
+"""Tests for course_utils.swiglu: the same numbers as the stock MLP, two fewer tensors kept."""
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ def _kept_intermediate_tensors(mlp, x, width: int) -> float:
 
 
 def test_a_patched_mlp_keeps_the_tensors_the_estimator_counts():
-    """memory.MLPS says 4 tensors of intermediate_size for the stock MLP, 2 for swiglu: count them."""
+    """memory.MLPS: 4 tensors of intermediate_size for the stock MLP, 2 for swiglu; count them."""
     model = assets.tiny_llama(intermediate_size=48)
     mlp, width = model.model.layers[0].mlp, model.config.intermediate_size
     x = torch.randn(5, model.config.hidden_size, requires_grad=True)
