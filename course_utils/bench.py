@@ -140,8 +140,10 @@ def _c_stderr_silenced() -> Iterator[None]:
     """Send what C++ code writes to file descriptor 2 to /dev/null inside the block.
 
     torch's profiler (Kineto) prints a "USDT: ... profiler_start" line and a "profiler_stop"
-    line there every time it starts and stops; Jupyter shows them as red text under every cell
-    that trains with ``measure_memory=True``. Python exceptions are not affected.
+    line there every time it starts and stops, and torch's allocator warns once per process
+    about a block allocated before the profiler and freed while it runs; Jupyter shows them as
+    red text under every cell that trains with ``measure_memory=True``. Python exceptions and
+    Python-level output are not affected.
     """
     sys.stderr.flush()
     saved = os.dup(2)
@@ -193,8 +195,10 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            older = torch.empty(1)  # a block from before the profiler, freed while it runs:
             with _c_stderr_silenced():
                 self._profiler.__enter__()
+                del older  # torch warns about such a block once per process: here, silenced
             _reset_rss_peak()
         return self
 

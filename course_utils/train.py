@@ -50,6 +50,10 @@ METHODS = ("full", "lora", "qlora")
 #: "chunked_nll" (TRL's default: chunks recomputed in backward) and "nll" (full logits).
 LOSS_TYPES = ("fused", "chunked_nll", "nll")
 MB = 2**20
+#: Gradient checkpointing as torch 2.x does it by default (the layer's forward run again in the
+#: backward pass, "reentrant"), said explicitly: left out, as PEFT's
+#: prepare_model_for_kbit_training leaves it, torch warns under every QLoRA training cell.
+CHECKPOINTING = {"use_reentrant": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,15 +174,17 @@ def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | 
         for param in model.parameters():
             param.requires_grad_(True)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.train()
         return model
     if method == "qlora":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=CHECKPOINTING,
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora if lora is not None else lora_config())
     peft_model.train()

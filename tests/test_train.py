@@ -5,6 +5,7 @@ assistant-only labels and TRL's real SFTTrainer all run; the labs run the same c
 """
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,20 @@ def test_prepare_model_full_trains_everything(tokenizer):
     model = train.prepare_model(model, "full")
     trainable, total = train.count_parameters(model)
     assert trainable == total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_gradient_checkpointing_recomputes_layers_without_torchs_warning(tokenizer, method):
+    # torch warns at every checkpointed layer when use_reentrant is left out (lab 06 showed it)
+    model = _tiny_nf4(tokenizer) if method == "qlora" else assets.tiny_llama(tokenizer)
+    model = train.prepare_model(model, method, gradient_checkpointing=True)
+    ids = torch.arange(12).reshape(2, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert causal_lm.is_gradient_checkpointing
 
 
 def test_prepare_model_rejects_unknown_methods_and_wrong_bases(tokenizer):
