@@ -68,7 +68,7 @@ def test_prepare_model_full_trains_everything(tokenizer):
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_gradient_checkpointing_recomputes_layers_without_torchs_warning(tokenizer, method):
-    # torch warns at every checkpointed layer when use_reentrant is left out (lab 06 showed it)
+    # torch warns when use_reentrant is left out (lab 07 showed it under its QLoRA run)
     model = _tiny_nf4(tokenizer) if method == "qlora" else assets.tiny_llama(tokenizer)
     model = train.prepare_model(model, method, gradient_checkpointing=True)
     ids = torch.arange(12).reshape(2, 6)
