@@ -262,6 +262,18 @@ def resolve_source(name: str = DEFAULT_MODEL, source: str = "auto") -> tuple[str
     )
 
 
+def model_path(name: str = DEFAULT_MODEL, *, source: str = "auto", verbose: bool = True) -> str:
+    """Return what to pass to ``from_pretrained``: a hub id (online) or the offline copy's folder.
+
+    The labs load the model with transformers' own calls,
+    ``AutoModelForCausalLM.from_pretrained(model_path(), ...)``; this says only *where* it is.
+    """
+    location, _, description = resolve_source(name, source)
+    if verbose:
+        print(f"[course_utils] {name}: {description}")
+    return location
+
+
 def _check_load_args(device, dtype, quantization) -> tuple[torch.device, torch.dtype]:
     """Validate device/dtype/quantization and fill in the course defaults."""
     if quantization not in QUANTIZATIONS:

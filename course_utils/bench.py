@@ -50,7 +50,6 @@ it, the phase in which each peak fell and what it was made of.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -58,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +66,7 @@ import torch
 from . import env
 from .assets import TINY_LLAMA, nf4_config, tiny_llama
 from .memory import LLAMA_LINEAR_LAYERS, estimate, measure_model_bytes
+from .peak_memory import PeakMemory, proc_status
 
 __all__ = [
     "METHODS",
@@ -101,166 +101,6 @@ _CONFIG_KEYS = (
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _RESULT_MARK = "BENCH_RESULT "
 MB = 2**20
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the process's memory (Linux; None elsewhere)
-# --------------------------------------------------------------------------------------------
-
-
-def _proc_status(key: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, ...) in bytes, or None off Linux."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# The measuring instrument
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _c_stderr_silenced() -> Iterator[None]:
-    """Send what C++ code writes to file descriptor 2 to /dev/null inside the block.
-
-    torch's profiler (Kineto) prints a "USDT: ... profiler_start" line and a "profiler_stop"
-    line there every time it starts and stops, and torch's allocator warns once per process
-    about a block allocated before the profiler and freed while it runs; Jupyter shows them as
-    red text under every cell that trains with ``measure_memory=True``. Python exceptions and
-    Python-level output are not affected.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-class PeakMemory:
-    """Peak bytes held by live torch tensors inside a ``with`` block, on CPU or CUDA.
-
-    CPU: the running sum of the allocations and frees that ``torch.profiler`` records;
-    CUDA: ``torch.cuda.max_memory_allocated``. Both count only what was allocated *inside* the
-    block (``peak`` is relative to the entry level). ``phase(name)`` marks a part of the block;
-    after exit ``phases[name]`` holds the live bytes at its start and end and its peak.
-    ``rss_peak`` is the process's peak RSS inside the block (CPU, Linux), or the allocator's
-    peak reserved bytes on CUDA.
-    """
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        """Prepare to measure on ``device`` ('cpu' or 'cuda')."""
-        if not isinstance(device, (str, torch.device)):
-            raise TypeError(f"device must be 'cpu' or 'cuda', got {device!r}.")
-        self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"PeakMemory measures 'cpu' or 'cuda', not {self.device.type!r}.")
-        self.peak: int | None = None
-        self.rss_peak: int | None = None
-        self.phases: dict[str, dict[str, int]] = {}
-        self._marks: list[tuple[str, int, int]] = []
-        self._cuda_peak = 0
-        self._profiler = None
-        self._start = 0
-
-    def __enter__(self) -> PeakMemory:
-        """Start counting."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            self._cuda_peak = self._start
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            older = torch.empty(1)  # a block from before the profiler, freed while it runs:
-            with _c_stderr_silenced():
-                self._profiler.__enter__()
-                del older  # torch warns about such a block once per process: here, silenced
-            _reset_rss_peak()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        """Stop counting and work out the peak and the phases."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
-            self.peak = peak - self._start
-            self.rss_peak = torch.cuda.max_memory_reserved(self.device)
-            return
-        self.rss_peak = _proc_status("VmHWM")
-        with _c_stderr_silenced():
-            self._profiler.__exit__(*exc_info)
-        events = sorted(
-            (event.start_ns(), event.nbytes())
-            for event in self._profiler.profiler.kineto_results.events()
-            if event.name() == "[memory]"
-        )
-        self._profiler = None
-        times = [t for t, _ in events]
-        live = [0]
-        for _, nbytes in events:
-            live.append(live[-1] + nbytes)
-        self.peak = max(live)
-        from bisect import bisect_right
-
-        for name, start_ns, end_ns in self._marks:
-            first, last = bisect_right(times, start_ns), bisect_right(times, end_ns)
-            self.phases[name] = {
-                "start": live[first],
-                "end": live[last],
-                "peak": max(live[first : last + 1]),
-            }
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Mark a named part of the measured block (e.g. 'forward', 'backward')."""
-        if not isinstance(name, str) or not name:
-            raise ValueError("phase needs a non-empty name such as 'forward'.")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            # resetting the peak counter below forgets the maximum so far: keep it here
-            self._cuda_peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
-            start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            yield
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self._cuda_peak = max(self._cuda_peak, peak)
-            self.phases[name] = {
-                "start": start - self._start,
-                "end": torch.cuda.memory_allocated(self.device) - self._start,
-                "peak": peak - self._start,
-            }
-            return
-        from torch.profiler import record_function
-
-        start_ns = time.time_ns()  # the profiler's clock
-        with record_function(name):
-            yield
-        self._marks.append((name, start_ns, time.time_ns()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +179,7 @@ def _run_step(args: argparse.Namespace) -> dict:
     toy_opt.step()
     del toy, toy_opt
     gc.collect()
-    rss_before_load = _proc_status("VmRSS")
+    rss_before_load = proc_status("VmRSS")
 
     model = _prepare_model(args, device)
     gc.collect()

@@ -298,7 +298,7 @@ def train_method(
         callbacks=make_callbacks(method, model),
         **train_kwargs,
     )
-    result.method = method
+    result.label = method
     return result
 
 

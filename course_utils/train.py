@@ -1,21 +1,19 @@
-"""Training the course model: full fine-tuning, LoRA and QLoRA through TRL's SFTTrainer.
+"""The course's own training path: full fine-tuning, LoRA and QLoRA through TRL's SFTTrainer.
 
-Labs 05-07 read this module. One function, `train`, runs every method the same way:
+The labs do NOT use this module: they write ``LoraConfig``, ``get_peft_model``, ``SFTConfig``
+and ``SFTTrainer`` themselves (lab 05). `make bench` and the tests use it to run every method the
+same way in one call, and to race TRL's stock loss against the course's kernels:
 
 - the data is the course's chat examples, tokenized by `course_utils.data` (assistant-only
   labels: -100 on every prompt token), handed to TRL's ``SFTTrainer`` already tokenized;
 - the model is prepared by `prepare_model`: all weights trainable (``"full"``), PEFT LoRA on a
   frozen base (``"lora"``), or PEFT LoRA on the 4-bit NF4 base after
   ``prepare_model_for_kbit_training`` (``"qlora"``);
-- the loss is `course_utils.fused_loss` (the LM head and the cross-entropy a chunk of tokens
-  at a time) and each MLP's SiLU(gate) * up is `course_utils.swiglu` (two tensors fewer kept
-  per layer); both give the same numbers as the model's own forward;
+- the loss is TRL's default (``"chunked_nll"``) unless asked for the course's
+  `course_utils.fused_loss` (``loss_type="fused"``), and the MLP is the model's own unless asked
+  for `course_utils.swiglu` (``fused_mlp=True``): lab 08's "going further" section;
 - the precision follows `course_utils.env`: fp32 on a CPU, bf16 (fp16 on a T4) on a GPU;
-- every logged step lands in a `TrainResult` (loss, tokens, seconds), and with ``measure_memory``
-  the peak bytes of live tensors during two steady-state steps are measured
-  (`course_utils.bench.PeakMemory`), so a lab can compare methods with numbers it measured.
-
-Measuring the result is `course_utils.evaluate`'s job.
+- what the run measured comes from `course_utils.callbacks.TrainingMeter` (a `TrainResult`).
 """
 
 from __future__ import annotations
@@ -23,14 +21,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import data, env, fused_loss, swiglu
+from .callbacks import TrainingMeter, TrainResult, count_parameters, plot_losses
 
 __all__ = [
     "METHODS",
@@ -45,10 +42,10 @@ __all__ = [
 
 #: The fine-tuning methods `prepare_model` and `train` know.
 METHODS = ("full", "lora", "qlora")
-#: The losses `train` knows: "fused" (the default, `course_utils.fused_loss`: the LM head and
-#: the cross-entropy a chunk at a time, gradients formed in one pass) and TRL's own two,
-#: "chunked_nll" (TRL's default: chunks recomputed in backward) and "nll" (full logits).
-LOSS_TYPES = ("fused", "chunked_nll", "nll")
+#: The losses `train` knows: TRL's own two, "chunked_nll" (TRL's default and ours: the logits
+#: 256 labelled tokens at a time, recomputed in backward) and "nll" (full logits), and the
+#: course's "fused" (`course_utils.fused_loss`: chunks whose gradient is formed in one pass).
+LOSS_TYPES = ("chunked_nll", "nll", "fused")
 MB = 2**20
 #: Gradient checkpointing as torch 2.x does it by default (the layer's forward run again in the
 #: backward pass, "reentrant"), said explicitly: left out, as PEFT's
@@ -191,19 +188,6 @@ def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | 
     return peft_model
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """Return (trainable, total) parameter counts; a 4-bit weight counts as the weights it holds."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if type(param).__name__ == "Params4bit":
-            n = int(math.prod(param.quant_state.shape)) if param.quant_state is not None else 2 * n
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
-
-
 # --------------------------------------------------------------------------------------------
 # 2. The data: chat examples -> a tokenized datasets.Dataset with assistant-only labels.
 # --------------------------------------------------------------------------------------------
@@ -230,153 +214,9 @@ def chat_dataset(tokenizer, examples: Sequence[data.Example], max_length: int | 
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainResult:
-    """What one training run measured."""
-
-    method: str
-    steps: int
-    batch_size: int
-    seconds: float
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    trainable_params: int = 0
-    total_params: int = 0
-    peak_memory: int | None = None
-    device: str = "cpu"
-    step_seconds: list[float] = field(default_factory=list)
-
-    @property
-    def first_loss(self) -> float:
-        """The loss of the first step."""
-        return self.losses[0]
-
-    @property
-    def final_loss(self) -> float:
-        """The mean loss of the last few steps (a tenth of the run, at least one)."""
-        tail = self.losses[-max(1, len(self.losses) // 10) :]
-        return sum(tail) / len(tail)
-
-    @property
-    def seconds_per_step(self) -> float:
-        """Median wall time of one optimizer step (robust to the slow first step)."""
-        if not self.step_seconds:
-            return self.seconds / max(self.steps, 1)
-        ordered = sorted(self.step_seconds)
-        return ordered[len(ordered) // 2]
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Tokens (padding excluded) per second of a typical step (median step time)."""
-        per_step = self.tokens / max(self.steps, 1)
-        return per_step / self.seconds_per_step if self.seconds_per_step > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        """Return the headline numbers as a flat dict (for a table)."""
-        return {
-            "method": self.method,
-            "trainable params": self.trainable_params,
-            "steps": self.steps,
-            "s/step": round(self.seconds_per_step, 2),
-            "tokens/s": round(self.tokens_per_second, 1),
-            "first loss": round(self.first_loss, 4),
-            "final loss": round(self.final_loss, 4),
-            "peak MB": None if self.peak_memory is None else round(self.peak_memory / MB, 1),
-        }
-
-
-def _callbacks(result: TrainResult, live_plot: bool, measure_memory: bool, model):
-    """Build the TrainerCallbacks that record losses, tokens, memory and draw the live plot."""
-    from transformers import TrainerCallback
-
-    from .bench import PeakMemory
-    from .memory import measure_model_bytes
-
-    class Recorder(TrainerCallback):
-        """Record every logged loss and step time (and redraw the live plot)."""
-
-        def __init__(self):
-            self.handle = None
-            self.started = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            result.step_seconds.append(time.perf_counter() - self.started)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                result.losses.append(float(logs["loss"]))
-                if live_plot and _in_notebook():
-                    self.handle = _draw_live(result, state.max_steps, self.handle)
-
-    class Memory(TrainerCallback):
-        """Measure the peak of live tensors over steps 2 and 3 (AdamW's states exist by then)."""
-
-        def __init__(self):
-            self.meter = None
-            self.base = 0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 1 and self.meter is None:
-                optimizer = kwargs.get("optimizer")
-                states = _optimizer_state_bytes(optimizer) if optimizer is not None else 0
-                self.base = measure_model_bytes(model) + states
-                self.meter = PeakMemory(env.pick_device() if _on_cuda(model) else "cpu")
-                self.meter.__enter__()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            last = min(3, state.max_steps)
-            if self.meter is not None and state.global_step == last and result.peak_memory is None:
-                self.meter.__exit__(None, None, None)
-                result.peak_memory = self.base + max(self.meter.peak or 0, 0)
-
-    callbacks = [Recorder()]
-    if measure_memory:
-        callbacks.append(Memory())
-    return callbacks
-
-
 def _on_cuda(model) -> bool:
     """Say whether the model's weights are on a CUDA device."""
     return next(model.parameters()).device.type == "cuda"
-
-
-def _optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the tensors an optimizer keeps (AdamW: two moments per trainable value)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    return sum(
-        value.numel() * value.element_size()
-        for state in inner.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
-
-
-def _in_notebook() -> bool:
-    """Say whether we run inside a Jupyter kernel (where a live plot can be redrawn)."""
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except ImportError:  # pragma: no cover - IPython comes with jupyter
-        return False
-    return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
-
-
-def _draw_live(result: TrainResult, max_steps: int, handle):
-    """Redraw the loss curve in place in the notebook output; return the display handle."""
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    figure = plot_losses({result.method: result.losses}, max_steps=max_steps)
-    if handle is None:
-        handle = display(figure, display_id=True)
-    else:
-        handle.update(figure)
-    plt.close(figure)
-    return handle
 
 
 def _precision_flags(model) -> dict[str, bool]:
@@ -403,8 +243,8 @@ def train(
     measure_memory: bool = False,
     progress_bar: bool = True,
     output_dir: str | os.PathLike | None = None,
-    loss_type: str = "fused",
-    fused_mlp: bool = True,
+    loss_type: str = "chunked_nll",
+    fused_mlp: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     callbacks: Sequence[Any] = (),
 ) -> TrainResult:
@@ -413,11 +253,11 @@ def train(
     `examples` is a list of chat examples (tokenized here with assistant-only labels) or a
     ``datasets.Dataset`` with ``input_ids`` and ``labels`` (e.g. blocks of text for causal LM).
     Returns a `TrainResult`; the model is trained in place. `loss_type` is one of LOSS_TYPES:
-    ``"fused"`` (`course_utils.fused_loss`, the fastest and smallest on a CPU), TRL's
-    ``"chunked_nll"``, or ``"nll"``, the plain cross-entropy over all logits (which Unsloth's
-    CPU backend replaces with its own chunked one, lab 08). `fused_mlp` computes each MLP's
+    TRL's ``"chunked_nll"`` (its default), ``"nll"``, the plain cross-entropy over all logits
+    (which Unsloth's CPU backend replaces with its own chunked one, lab 08), or the course's
+    ``"fused"`` (`course_utils.fused_loss`). `fused_mlp=True` computes each MLP's
     SiLU(gate) * up with `course_utils.swiglu` (the same numbers, a quarter to a third fewer
-    activations kept); False leaves the model's own MLP forward (what Unsloth patches, lab 08).
+    activations kept); False (the default) leaves the model's own MLP forward.
     `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
     rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
     """
@@ -448,15 +288,7 @@ def train(
             "The dataset needs 'input_ids' and 'labels' columns; build it with chat_dataset."
         )
     env.seed_everything(seed)
-    result = TrainResult(
-        method=method,
-        steps=steps,
-        batch_size=batch_size,
-        seconds=0.0,
-        trainable_params=trainable,
-        total_params=total,
-        device=next(model.parameters()).device.type,
-    )
+    meter = TrainingMeter(method, live_plot=live_plot, measure_memory=measure_memory)
     with tempfile.TemporaryDirectory() as scratch:
         config = SFTConfig(
             output_dir=str(output_dir or scratch),
@@ -487,18 +319,15 @@ def train(
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=_callbacks(result, live_plot, measure_memory, model) + callbacks,
+            callbacks=[meter, *callbacks],
             **({} if optimizer is None else {"optimizers": (optimizer, None)}),
         )
         trainer.remove_callback(_printer_callback())
         _use_loss(model, loss_type)
         _use_mlp(model, fused_mlp)
-        started = time.perf_counter()
         trainer.train()
-        result.seconds = time.perf_counter() - started
-        result.tokens = int(trainer.state.num_input_tokens_seen)
     model.eval()
-    return result
+    return meter.result
 
 
 def _use_loss(model, loss_type: str) -> None:
@@ -539,33 +368,3 @@ def _printer_callback():
     from transformers.trainer_callback import PrinterCallback
 
     return PrinterCallback
-
-
-def plot_losses(runs: dict[str, Sequence[float]], max_steps: int | None = None, ax=None):
-    """Plot the training loss of one or more runs ({label: losses per step}); return the figure."""
-    import matplotlib.pyplot as plt
-
-    if not isinstance(runs, dict) or not runs:
-        raise ValueError(
-            "runs must be a dict {label: [loss per step]}, e.g. {'lora': result.losses}."
-        )
-    if ax is None:
-        figure, ax = plt.subplots(figsize=(6, 3.2))
-    else:
-        figure = ax.figure
-    for label, losses in runs.items():
-        ax.plot(
-            range(1, len(losses) + 1),
-            list(losses),
-            label=label,
-            marker="." if len(losses) < 30 else None,
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    if max_steps:
-        ax.set_xlim(0.5, max_steps + 0.5)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    figure.tight_layout()
-    return figure

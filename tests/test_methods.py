@@ -256,7 +256,7 @@ def test_train_method_trains_through_train_train(tokenizer, method):
         progress_bar=False,
         live_plot=False,
     )
-    assert result.method == method and len(result.losses) == 3
+    assert result.label == method and len(result.losses) == 3
     assert all(math.isfinite(x) for x in result.losses)
     now = dict(model.named_parameters())
     assert all(not torch.equal(now[n], before) for n, before in trained.items())

@@ -185,7 +185,7 @@ def test_train_lowers_the_loss_and_records_what_it_measured(tokenizer, examples)
     assert result.tokens == 3 * n_tokens  # 6 steps x 4 = 24 examples = 3 passes over 8
     assert result.tokens_per_second > 0 and result.seconds > 0
     assert result.peak_memory > memory.measure_model_bytes(model)
-    assert set(result.summary()) >= {"method", "trainable params", "s/step", "tokens/s", "peak MB"}
+    assert set(result.summary()) >= {"run", "trainable params", "s/step", "tokens/s", "peak MB"}
 
 
 def test_train_rejects_bad_budgets_and_untrainable_models(tokenizer, examples):
@@ -204,7 +204,7 @@ def test_train_rejects_bad_budgets_and_untrainable_models(tokenizer, examples):
 
 
 def test_the_three_losses_give_the_same_losses(tokenizer, examples):
-    """The fused head (the default), TRL's chunked_nll and plain nll: one cross-entropy.
+    """TRL's chunked_nll (the default), plain nll and the course's fused head: one cross-entropy.
 
     The second loss comes after one AdamW step, so it also checks the gradients agree.
     """
@@ -230,7 +230,7 @@ def test_the_three_losses_give_the_same_losses(tokenizer, examples):
 
 
 def test_the_course_swiglu_trains_to_the_same_losses_and_can_be_left_off(tokenizer, examples):
-    """train(fused_mlp=True), the default, puts course_utils.swiglu on every MLP; False takes it off."""
+    """train(fused_mlp=True) puts course_utils.swiglu on every MLP; False (the default) takes it off."""
     losses, patched = {}, {}
     for fused_mlp in (True, False):
         env.seed_everything(0)
