@@ -26,7 +26,7 @@ help:
 	@echo "make test     set up (once) and run the whole test suite (lint, unit, notebooks)"
 	@echo "make lint     ruff check + ruff format --check over course_utils, tests, notebooks"
 	@echo "make timings  run every notebook with the full profile and record its wall time"
-	@echo "make bench    speed, MFU and peak memory of full/LoRA/QLoRA, estimator vs measured (bench/results/)"
+	@echo "make bench    speed, MFU and peak memory of full/LoRA/QLoRA, scoring speed, estimator vs measured (bench/results/)"
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
 
@@ -60,8 +60,8 @@ browser:
 		else echo "Install Debian's chromium (sudo apt-get install chromium) for the browser tests."; exit 1; fi; }
 
 lint: setup
-	$(BIN)/ruff check conftest.py course_utils tests notebooks solutions
-	$(BIN)/ruff format --check conftest.py course_utils tests notebooks solutions
+	$(BIN)/ruff check conftest.py course_utils examples tests notebooks solutions
+	$(BIN)/ruff format --check conftest.py course_utils examples tests notebooks solutions
 
 # The exercise masters in solutions/ are executed by `nbgrader validate` (tests/test_exercises.py),
 # which also checks that every graded cell passes, so nbval does not run them a second time.
@@ -87,6 +87,7 @@ bench: model
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --data chat \
 		--out bench/results
 	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench loss --out bench/results
+	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench eval --out bench/results
 	set -o pipefail; HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench memory \
 		--json bench/results/memory.json | tee bench/results/memory.txt
 

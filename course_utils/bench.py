@@ -603,7 +603,7 @@ def _train_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_utils.bench train|loss|memory``: training, the loss alone, memory."""
+    """``python -m course_utils.bench train|loss|eval|memory``: training, the loss, scoring, memory."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "_step":
         result = _run_step(_step_parser().parse_args(argv[1:]))
@@ -622,8 +622,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_loss import main as loss_main
 
         return loss_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from .bench_eval import main as eval_main
+
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course_utils.bench", description=main.__doc__)
-    parser.add_argument("what", choices=["memory", "train", "loss"], help="what to benchmark")
+    parser.add_argument(
+        "what", choices=["memory", "train", "loss", "eval"], help="what to benchmark"
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch", type=int, default=None, help="default 4 (ci profile: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 128 (ci profile: 64)")

@@ -43,6 +43,8 @@ IGNORE_INDEX = -100  # the label value that torch's cross-entropy (and every HF 
 SPLITS = ("train", "validation", "test")
 SEED = 0
 MANIFEST = "datasets_manifest.json"
+#: Tokens a generated answer may run past the longest reference (the end-of-turn token, spaces).
+ANSWER_SLACK = 8
 
 Message = dict[str, str]
 Example = dict[str, Any]
@@ -647,6 +649,42 @@ def parse_json_answer(text: str, strict: bool = True) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def _object_end(text: str) -> int | None:
+    """Return the index just after the JSON object that `text` opens with, or None if unclosed."""
+    depth, in_string, escaped = 0, False, False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped = char == "\\"
+            in_string = char != '"'
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def json_answer_decided(text: str) -> bool:
+    """Say whether more tokens can no longer change how `text` scores, strictly or leniently.
+
+    Lenient scoring reads the first {...}: decided once it is closed. Strict scoring needs the
+    whole answer to be one JSON object: lost as soon as the answer starts with something else
+    or goes on after the object closes. Generation can stop a row here (`evaluate_instruction`).
+    """
+    if re.search(r"\{.*?\}", text, flags=re.DOTALL) is None:
+        return False
+    answer = text.lstrip()
+    if not answer.startswith("{"):
+        return True
+    end = _object_end(answer)
+    return end is not None and answer[end:].strip() != ""
+
+
 def exact_match(prediction_text: str, reference_json_text: str, strict: bool = True) -> bool:
     """Say whether the prediction parses to the same JSON object as the reference (key order aside).
 
@@ -812,18 +850,36 @@ def label_from_answer(text: str, labels: Sequence[str] = CLASSIFICATION_LABELS) 
 
 
 def evaluate_instruction(
-    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 16, max_new_tokens: int = 56
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Generate answers for rentals examples and return exact match (strict and lenient)."""
+    """Generate answers for rentals examples and return exact match (strict and lenient).
+
+    The token budget defaults to the longest reference answer plus ANSWER_SLACK tokens (a
+    longer answer cannot be the same JSON); a row stops as soon as its score is decided
+    (`json_answer_decided`), which gives the same scores as generating to the budget.
+    """
     from course_utils.generation import generate_batch
 
     if not examples:
         raise ValueError("examples is empty; pass e.g. load_instruction_task('test').")
     prompts = [prompt_messages(e) for e in examples]
-    predictions = generate_batch(
-        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens
-    )
     references = [reference_answer(e) for e in examples]
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+        max_new_tokens = longest + ANSWER_SLACK
+    predictions = generate_batch(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop_when=json_answer_decided,
+    )
     strict = [exact_match(p, r) for p, r in zip(predictions, references)]
     lenient = [exact_match(p, r, strict=False) for p, r in zip(predictions, references)]
     return {
@@ -836,7 +892,7 @@ def evaluate_instruction(
 
 
 def evaluate_classification(
-    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 16, max_new_tokens: int = 12
+    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 32, max_new_tokens: int = 12
 ) -> dict[str, Any]:
     """Generate answers for classification examples and return the accuracy of the labels read."""
     from course_utils.generation import generate_batch

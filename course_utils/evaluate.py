@@ -67,7 +67,7 @@ def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dic
 
 
 def score_instruction(
-    model, tokenizer, examples: Sequence[data.Example], *, batch_size: int = 16
+    model, tokenizer, examples: Sequence[data.Example], *, batch_size: int = 32
 ) -> dict[str, Any]:
     """Run the rentals task on `examples`: exact match, lenient match and per-field accuracy."""
     _non_empty(examples, "examples", "data.load_instruction_task('test')")

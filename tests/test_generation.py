@@ -2,7 +2,8 @@
 
 import pytest
 
-from course_utils.generation import as_messages, chat, generate_batch
+from course_utils import data
+from course_utils.generation import as_messages, chat, generate_batch, shared_prefix_length
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -19,6 +20,75 @@ def test_a_batch_answers_like_one_question_at_a_time(model, tokenizer):
     batched = generate_batch(model, tokenizer, QUESTIONS, max_new_tokens=12)
     alone = [chat(model, tokenizer, q, max_new_tokens=12) for q in QUESTIONS]
     assert batched == alone
+
+
+def test_a_shared_system_prompt_computed_once_gives_the_same_answers(model, tokenizer):
+    """The prefix's keys and values, copied to every row, answer exactly like the full prompts."""
+    listings = [data.prompt_messages(e) for e in data.load_instruction_task("test")[:5]]
+    texts = [
+        tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        for m in listings
+    ]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert shared_prefix_length(rows) > 60  # the schema in the system message
+    shared = generate_batch(model, tokenizer, listings, max_new_tokens=10, batch_size=3)
+    plain = generate_batch(
+        model, tokenizer, listings, max_new_tokens=10, batch_size=3, share_prefix=False
+    )
+    assert shared == plain
+
+
+def test_a_row_stops_when_its_answer_is_decided(model, tokenizer):
+    listings = [data.prompt_messages(e) for e in data.load_instruction_task("test")[:4]]
+    full = generate_batch(model, tokenizer, listings, max_new_tokens=16)
+    stopped = generate_batch(
+        model, tokenizer, listings, max_new_tokens=16, stop_when=lambda text: len(text) > 0
+    )
+    for short, long in zip(stopped, full):
+        assert short and long.startswith(short) and len(short) < len(long)
+    with pytest.raises(TypeError, match="stop_when"):
+        generate_batch(model, tokenizer, listings, stop_when="}")
+
+
+def test_shared_prefix_length_leaves_every_row_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix_length([[5, 2], [1, 2]]) == 0
+    assert shared_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "decided"),
+    [
+        ("", False),
+        ("The flat", False),  # prose: strict is lost, but lenient waits for a {...}
+        ('The flat {"a": 1}', True),
+        ('{"a": 1', False),
+        ('{"a": 1} ', False),  # end-of-turn may still come: strict can still hold
+        ('{"a": 1}\nThis flat', True),
+        ('{"a": {"b": 1}}', False),
+        ('{"a": {"b": 1}} x', True),
+        ('{"a": "}"}', False),  # a brace inside a string closes nothing
+        ('{"a": "\\"}"} z', True),
+    ],
+)
+def test_json_answer_decided_only_when_more_tokens_cannot_change_the_score(text, decided):
+    assert data.json_answer_decided(text) is decided
+
+
+def test_scores_with_early_stopping_equal_scores_generated_to_the_budget(model, tokenizer):
+    """evaluate_instruction stops rows early; exact and lenient match are those of full answers."""
+    examples = data.load_instruction_task("test")[:6]
+    result = data.evaluate_instruction(model, tokenizer, examples)
+    full = generate_batch(
+        model, tokenizer, [data.prompt_messages(e) for e in examples], max_new_tokens=56
+    )
+    for strict in (True, False):
+        scores = [data.exact_match(p, r, strict) for p, r in zip(full, result["references"])]
+        key = "exact_match" if strict else "lenient_match"
+        assert result[key] == sum(scores) / len(scores)
+    for short, long in zip(result["predictions"], full):
+        assert long.startswith(short)
 
 
 def test_generation_restores_the_tokenizer_and_model_state(model, tokenizer):
