@@ -43,8 +43,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 # The offline model: GGUF -> fp32 safetensors in the cache, once (checksums verified every time).
+# Then GOMP_SPINCOUNT for every Python of .venv (a .pth file: a plain `jupyter lab` or VS Code
+# kernel gets it too, not only what make starts).
 model: setup
 	$(BIN)/python -m course_utils.assets --prepare
+	$(BIN)/python -m course_utils.env --install-openmp-setting
 
 course: model
 	@echo "Starting JupyterLab: open the URL printed below (Ctrl+C stops it)."

@@ -106,3 +106,59 @@ def test_bitsandbytes_advice_to_install_hub_kernels_is_dropped_and_other_warning
         logger.warning("some other bitsandbytes warning")
     messages = [record.getMessage() for record in caplog.records]
     assert messages == ["some other bitsandbytes warning"]
+
+
+def _without_spin_setting() -> dict:
+    """This process's environment without the OpenMP spin setting (as a plain shell has it)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in env.OPENMP_SPIN}
+
+
+def test_the_openmp_setting_line_sets_what_is_missing_and_keeps_what_is_set(tmp_path):
+    import subprocess
+
+    target = env.install_openmp_setting(tmp_path)
+    assert target.name == env.OPENMP_PTH and target.read_text() == env.openmp_spin_line()
+    probe = (
+        f"import site, os; site.addsitedir({str(tmp_path)!r}); print(os.environ['GOMP_SPINCOUNT'])"
+    )
+    clean = _without_spin_setting()
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", probe], env=clean, capture_output=True, text=True
+    )
+    assert run.stdout.strip() == env.OPENMP_SPIN["GOMP_SPINCOUNT"], run.stderr
+    mine = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        env={**clean, "GOMP_SPINCOUNT": "7"},
+        capture_output=True,
+        text=True,
+    )
+    assert mine.stdout.strip() == "7"
+    with pytest.raises(FileNotFoundError, match="site-packages"):
+        env.install_openmp_setting(tmp_path / "missing")
+
+
+def test_every_python_of_the_course_environment_gets_the_setting_before_torch_loads():
+    """`make model` installed the .pth: a script and a Jupyter kernel started without it have it."""
+    import subprocess
+
+    from jupyter_client.manager import start_new_kernel
+
+    clean = _without_spin_setting()
+    script = "import os, sys; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True, text=True)
+    assert run.stdout.split() == [env.OPENMP_SPIN["GOMP_SPINCOUNT"], "False"], run.stderr
+    manager, client = start_new_kernel(kernel_name="python3", env=clean)
+    try:
+        seen = []
+        client.execute_interactive(
+            "import os; print(os.environ.get('GOMP_SPINCOUNT'))",
+            output_hook=lambda msg: seen.append(msg["content"].get("text", "")),
+            timeout=60,
+        )
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert "".join(seen).strip() == env.OPENMP_SPIN["GOMP_SPINCOUNT"]
+    assert env.openmp_spin_missing() == []
