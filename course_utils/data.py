@@ -158,6 +158,37 @@ def reference_answer(example: Example) -> str:
     return [m for m in messages if m["role"] == "assistant"][-1]["content"]
 
 
+def to_prompt_completion(example: Example) -> dict[str, list[Message]]:
+    """Split a chat example into TRL's conversational prompt/completion format (lab 05).
+
+    ``SFTTrainer`` puts labels on the completion only (its ``completion_only_loss``), so the
+    model learns the answer, not the system message and the listing.
+    """
+    messages = validate_example(example)["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def prompt_completion_dataset(examples: Sequence[Example]):
+    """Return chat examples as a ``datasets.Dataset`` of prompt/completion rows for SFTTrainer."""
+    from datasets import Dataset
+
+    if isinstance(examples, dict | str) or not isinstance(examples, Sequence) or not examples:
+        raise ValueError(
+            "examples must be a non-empty list of chat examples, e.g. "
+            "data.load_instruction_task('train')."
+        )
+    for index, example in enumerate(examples):
+        if (
+            validate_example(example, where=f"example {index}")["messages"][-1]["role"]
+            != "assistant"
+        ):
+            raise ValueError(
+                f"example {index} does not end with the assistant's answer; "
+                "the last message is what the model learns to write."
+            )
+    return Dataset.from_list([to_prompt_completion(e) for e in examples])
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Chat templates and assistant-only labels.
 # ---------------------------------------------------------------------------------------------

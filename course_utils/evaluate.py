@@ -32,6 +32,7 @@ __all__ = [
     "perplexity",
     "score_instruction",
     "side_by_side",
+    "wilson_interval",
 ]
 
 #: The keys of the rentals JSON answer.
@@ -64,6 +65,24 @@ def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dic
         for key in FIELDS:
             right[key] += key in parsed and parsed[key] == truth.get(key)
     return {key: count / len(predictions) for key, count in right.items()}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Return the Wilson score interval of a proportion (95 % for z = 1.96): small n, honest bounds.
+
+    With 20-40 held-out examples an exact match of 80 % is known only to about ±12 points; the
+    Wilson interval stays inside [0, 1] and is sound at 0 % and 100 % (Wilson, 1927).
+    """
+    for name, value in (("successes", successes), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer (got {value!r}).")
+    if n == 0 or successes > n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0 (got {successes} of {n}).")
+    p = successes / n
+    denominator = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def score_instruction(

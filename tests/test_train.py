@@ -353,3 +353,15 @@ def test_folder_size_adds_up_files_and_names_a_missing_folder(tmp_path):
     assert evaluate.folder_size(tmp_path) == 123
     with pytest.raises(FileNotFoundError, match="save the model"):
         evaluate.folder_size(tmp_path / "missing")
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    low, high = evaluate.wilson_interval(8, 10)  # Wilson 1927; e.g. Newcombe 1998, table I
+    assert (round(low, 3), round(high, 3)) == (0.49, 0.943)
+    assert evaluate.wilson_interval(0, 20)[0] == 0.0 and evaluate.wilson_interval(20, 20)[1] == 1.0
+    low, high = evaluate.wilson_interval(32, 40)
+    assert low < 0.8 < high and high - low < 0.3
+    with pytest.raises(ValueError, match="successes <= n"):
+        evaluate.wilson_interval(5, 4)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        evaluate.wilson_interval(-1, 4)
