@@ -291,13 +291,30 @@ def alpha_explorer(
 # memory_stats(model, method, dtype, batch, seq_len, optimizer) -> dict   memory.estimate in GB
 #                                                                         + the GPUs it fits
 # format_memory_stats(stats) -> str   the one line the calculator shows (CSS course-memory-stats)
+# format_memory_precision(stats) -> str   the bytes per parameter of the setting, part by part
+#                                         (CSS course-memory-precision)
 # memory_calculator(...)     -> VBox  model/method/dtype/optimizer, sliders "batch" and "seq len",
-#                                     that line, a breakdown bar chart and a GPU table
+#                                     those two lines, a breakdown bar chart and a GPU table
 
 #: CSS class of the HTML widget that shows :func:`format_memory_stats` text (browser tests read it).
 MEMORY_STATS_CLASS = "course-memory-stats"
 #: CSS class of the HTML table saying which GPUs the setting fits on.
 MEMORY_GPUS_CLASS = "course-memory-gpus"
+#: CSS class of the HTML widget that shows :func:`format_memory_precision` text.
+MEMORY_PRECISION_CLASS = "course-memory-precision"
+#: What the calculator's dtype choice means, as its dropdown says (lesson 01 measures each recipe).
+#: A 16-bit dtype is mixed precision: for full fine-tuning, 16-bit weights and gradients plus an
+#: fp32 master copy of the weights (``memory.estimate(..., master_weights=True)``); LoRA and QLoRA
+#: freeze the base model in that dtype and train fp32 adapters, their own master copy. "fp32" is
+#: also what torch AMP (autocast) on an fp32 model keeps: autocast changes the dtype of the
+#: matmuls and of the activations they save, not of the weights, gradients or optimizer states.
+MEMORY_DTYPES = {
+    "fp32": "fp32 (what torch AMP on an fp32 model keeps too)",
+    "bf16": "bf16 + fp32 master copy (mixed precision)",
+    "fp16": "fp16 + fp32 master copy (mixed precision)",
+}
+#: The dtype the calculator keeps LoRA/QLoRA adapters in (PEFT's default; memory.estimate's too).
+MEMORY_ADAPTER_DTYPE = "fp32"
 #: Training methods the memory calculator offers.
 MEMORY_METHODS = ("full", "lora", "qlora")
 #: The parts of training memory, in the order they are displayed.
@@ -336,8 +353,11 @@ def memory_stats(
 ) -> dict:
     """Exactly the numbers the memory calculator displays: ``memory.estimate`` in GB + the GPUs it fits.
 
-    Returns a dict with the settings, ``n_params``, ``trainable_params``, ``<part>_bytes`` and
-    ``<part>_gb`` for weights, gradients, optimizer, activations and total (GB = GiB, as in
+    ``dtype`` "bf16" or "fp16" means mixed precision (see MEMORY_DTYPES): full fine-tuning keeps
+    an fp32 master copy of the weights, ``master_weights=True``, so fp32 and both 16-bit dtypes
+    cost the same 16 bytes per parameter with AdamW. Returns a dict with the settings,
+    ``master_weights``, ``adapter_dtype``, ``n_params``, ``trainable_params``, ``<part>_bytes``
+    and ``<part>_gb`` for weights, gradients, optimizer, activations and total (GB = GiB, as in
     :mod:`course_utils.memory`), ``gpus`` ({name: fits?}, smallest card first) and ``fits``
     (the names that fit, same order).
     """
@@ -349,7 +369,17 @@ def memory_stats(
     optimizer = _memory_choice(optimizer, "optimizer", list(memory.OPTIMIZER_BYTES_PER_PARAM))
     batch = _memory_int(batch, "batch")
     seq_len = _memory_int(seq_len, "seq_len")
-    est = memory.estimate(model, method, dtype, batch, seq_len, optimizer)
+    master_weights = method == "full" and dtype != "fp32"
+    est = memory.estimate(
+        model,
+        method,
+        dtype,
+        batch,
+        seq_len,
+        optimizer,
+        master_weights=master_weights,
+        adapter_dtype=MEMORY_ADAPTER_DTYPE,
+    )
     stats: dict = {
         "model": model,
         "method": method,
@@ -357,6 +387,8 @@ def memory_stats(
         "batch": batch,
         "seq_len": seq_len,
         "optimizer": optimizer,
+        "master_weights": master_weights,
+        "adapter_dtype": MEMORY_ADAPTER_DTYPE,
         "n_params": est.n_params,
         "trainable_params": est.trainable_params,
     }
@@ -382,6 +414,61 @@ def format_memory_stats(stats: dict) -> str:
     parts = [f"{part} {stats[f'{part}_gb']:.2f} GB" for part in (*MEMORY_PARTS, "total")]
     fits = ", ".join(stats["fits"]) if stats["fits"] else "none"
     return " · ".join(parts) + f" · fits: {fits}"
+
+
+def format_memory_precision(stats: dict) -> str:
+    """The bytes per parameter of a setting, part by part, e.g. for full fine-tuning in bf16:
+    ``full fine-tuning, bf16 mixed precision, per parameter: 2 B bf16 weight + 2 B bf16 gradient
+    + 4 B fp32 master copy + 8 B adamw states = 16 B (activations come on top)``."""
+    from course_utils import memory
+
+    _lora_check_stats(
+        stats,
+        (
+            "method",
+            "dtype",
+            "optimizer",
+            "master_weights",
+            "adapter_dtype",
+            "n_params",
+            "trainable_params",
+            "weights_bytes",
+            "gradients_bytes",
+            "optimizer_bytes",
+        ),
+        "memory_stats",
+    )
+    dtype, optimizer = stats["dtype"], stats["optimizer"]
+    if stats["method"] == "full":
+        n = stats["n_params"]
+        master = memory.BYTES_PER_DTYPE["fp32"] if stats["master_weights"] else 0
+        parts = [
+            (stats["weights_bytes"] / n, f"{dtype} weight"),
+            (stats["gradients_bytes"] / n, f"{dtype} gradient"),
+        ]
+        if master:
+            parts.append((master, "fp32 master copy"))
+        parts.append((stats["optimizer_bytes"] / n - master, f"{optimizer} states"))
+        recipe = f"{dtype} mixed precision" if master else dtype
+        terms = " + ".join(f"{value:.4g} B {name}" for value, name in parts)
+        total = sum(value for value, _ in parts)
+        return (
+            f"full fine-tuning, {recipe}, per parameter: {terms} = {total:.4g} B "
+            "(activations come on top)"
+        )
+    trainable, adapter = stats["trainable_params"], stats["adapter_dtype"]
+    per_adapter = memory.BYTES_PER_DTYPE[adapter]
+    states = stats["optimizer_bytes"] / trainable
+    frozen = (stats["weights_bytes"] - trainable * per_adapter) / stats["n_params"]
+    qlora = stats["method"] == "qlora"
+    base = f"{dtype}, linear layers in NF4" if qlora else dtype
+    return (
+        f"{stats['method']}: per trainable adapter parameter ({trainable:,}, {adapter}): "
+        f"{per_adapter:g} B weight + {per_adapter:g} B gradient + {states:.4g} B {optimizer} "
+        f"states = {2 * per_adapter + states:.4g} B; frozen base model ({base}): "
+        f"{frozen:.3g} B per weight{' on average' if qlora else ''}, no gradient, "
+        "no optimizer state"
+    )
 
 
 def _memory_gpu_table(stats: dict) -> str:
@@ -426,7 +513,8 @@ def _memory_chart_png(stats: dict) -> bytes:
     ax.set_xlim(0, top)
     ax.set_xlabel("GB")
     ax.set_title(
-        f"{stats['model']} · {stats['method']} · {stats['dtype']} · {stats['optimizer']} · "
+        f"{stats['model']} · {stats['method']} · {stats['dtype']}"
+        f"{' + fp32 master' if stats.get('master_weights') else ''} · {stats['optimizer']} · "
         f"batch {stats['batch']} × {stats['seq_len']} tokens",
         fontsize=9,
     )
@@ -447,9 +535,11 @@ def memory_calculator(
     """An ipywidgets memory calculator over :func:`memory_stats`; returns the widget to display.
 
     The text in the HTML widget with CSS class ``course-memory-stats`` is always
-    ``format_memory_stats(memory_stats(...current values...))``. The returned VBox carries
-    ``controls`` (dict of the input widgets by argument name), ``stats_html``, ``gpu_table``,
-    ``chart`` (an Output) and ``stats`` (the dict currently shown).
+    ``format_memory_stats(memory_stats(...current values...))``; the one with class
+    ``course-memory-precision`` shows ``format_memory_precision`` of the same dict. The dtype
+    dropdown shows MEMORY_DTYPES' labels for the values "fp32", "bf16" and "fp16". The returned
+    VBox carries ``controls`` (dict of the input widgets by argument name), ``stats_html``,
+    ``precision_html``, ``gpu_table``, ``chart`` (an Output) and ``stats`` (the dict shown).
     """
     import base64
     import html
@@ -468,7 +558,11 @@ def memory_calculator(
             options=list(MEMORY_METHODS), value=method, description="method", style=wide
         ),
         "dtype": widgets.Dropdown(
-            options=list(memory.BYTES_PER_DTYPE), value=dtype, description="dtype", style=wide
+            options=[(MEMORY_DTYPES[name], name) for name in memory.BYTES_PER_DTYPE],
+            value=dtype,
+            description="dtype",
+            style=wide,
+            layout=widgets.Layout(width="440px"),
         ),
         "optimizer": widgets.Dropdown(
             options=list(memory.OPTIMIZER_BYTES_PER_PARAM),
@@ -490,16 +584,19 @@ def memory_calculator(
     }
     stats_html = widgets.HTML()
     stats_html.add_class(MEMORY_STATS_CLASS)
+    precision_html = widgets.HTML()
+    precision_html.add_class(MEMORY_PRECISION_CLASS)
     gpu_table = widgets.HTML()
     gpu_table.add_class(MEMORY_GPUS_CLASS)
     chart = widgets.Output()
-    box = widgets.VBox([*controls.values(), stats_html, chart, gpu_table])
+    box = widgets.VBox([*controls.values(), stats_html, precision_html, chart, gpu_table])
 
     def update(change: object = None) -> None:
         """Recompute and redraw everything from the controls' current values."""
         stats = memory_stats(**{name: control.value for name, control in controls.items()})
         box.stats = stats
         stats_html.value = html.escape(format_memory_stats(stats))
+        precision_html.value = html.escape(format_memory_precision(stats))
         gpu_table.value = _memory_gpu_table(stats)
         png = base64.b64encode(_memory_chart_png(stats)).decode("ascii")
         chart.outputs = (
@@ -514,6 +611,7 @@ def memory_calculator(
         control.observe(update, names="value")
     box.controls = controls
     box.stats_html = stats_html
+    box.precision_html = precision_html
     box.gpu_table = gpu_table
     box.chart = chart
     update()

@@ -6,7 +6,10 @@ import pytest
 
 from course_utils import memory
 from course_utils.widgets import (
+    MEMORY_DTYPES,
+    MEMORY_PRECISION_CLASS,
     MEMORY_STATS_CLASS,
+    format_memory_precision,
     format_memory_stats,
     memory_calculator,
     memory_stats,
@@ -14,6 +17,8 @@ from course_utils.widgets import (
 
 SETTINGS = [
     ("SmolLM2-135M", "full", "fp32", 4, 512, "adamw"),
+    ("Llama-2-7B", "full", "bf16", 1, 512, "adamw"),
+    ("Mistral-7B", "full", "fp16", 2, 256, "adamw_8bit"),
     ("Llama-3.2-1B", "lora", "bf16", 2, 1024, "adamw_8bit"),
     ("Llama-2-7B", "qlora", "fp16", 1, 256, "sgd"),
     ("Llama-3-70B", "qlora", "bf16", 8, 4096, "adamw"),
@@ -27,7 +32,12 @@ SETTINGS = [
 def test_displayed_numbers_are_the_estimate(setting):
     model, method, dtype, batch, seq_len, optimizer = setting
     stats = memory_stats(model, method, dtype, batch, seq_len, optimizer)
-    est = memory.estimate(model, method, dtype, batch, seq_len, optimizer)
+    # a 16-bit dtype is mixed precision: full fine-tuning keeps an fp32 master copy
+    master = method == "full" and dtype != "fp32"
+    assert stats["master_weights"] == master
+    est = memory.estimate(
+        model, method, dtype, batch, seq_len, optimizer, master_weights=master, adapter_dtype="fp32"
+    )
     for part, value in est.breakdown().items():
         assert stats[f"{part}_bytes"] == value
         assert stats[f"{part}_gb"] == value / memory.GB
@@ -56,6 +66,53 @@ def test_stats_follow_the_inputs():
     )
     assert full["total_gb"] > lora["total_gb"] > qlora["total_gb"]
     assert full["fits"] == [] and "T4 16 GB" in qlora["fits"]
+
+
+# ------------------------------------------------------------------------------ the precision
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_full_fine_tuning_with_adamw_is_16_bytes_per_parameter_in_every_dtype(dtype):
+    """Lesson 01's account: fp32 (also torch AMP) 4 + 4 + 8; bf16/fp16 2 + 2 + 4 master + 8."""
+    stats = memory_stats("Llama-2-7B", "full", dtype, 1, 512, "adamw")
+    n = stats["n_params"]
+    state = stats["weights_bytes"] + stats["gradients_bytes"] + stats["optimizer_bytes"]
+    assert state == 16 * n
+    width = 4 if dtype == "fp32" else 2
+    assert (stats["weights_bytes"], stats["gradients_bytes"]) == (width * n, width * n)
+    text = format_memory_precision(stats)
+    if dtype == "fp32":
+        assert text == (
+            "full fine-tuning, fp32, per parameter: 4 B fp32 weight + 4 B fp32 gradient + "
+            "8 B adamw states = 16 B (activations come on top)"
+        )
+        assert "torch AMP" in MEMORY_DTYPES[dtype]
+    else:
+        assert text == (
+            f"full fine-tuning, {dtype} mixed precision, per parameter: 2 B {dtype} weight + "
+            f"2 B {dtype} gradient + 4 B fp32 master copy + 8 B adamw states = 16 B "
+            "(activations come on top)"
+        )
+        assert MEMORY_DTYPES[dtype] == f"{dtype} + fp32 master copy (mixed precision)"
+
+
+def test_precision_line_of_other_optimizers_and_of_lora():
+    eight_bit = format_memory_precision(
+        memory_stats("Llama-2-7B", "full", "bf16", 1, 512, "adamw_8bit")
+    )
+    assert "+ 4 B fp32 master copy + 2.031 B adamw_8bit states = 10.03 B" in eight_bit
+    sgd = format_memory_precision(memory_stats("Llama-2-7B", "full", "fp32", 1, 512, "sgd"))
+    assert sgd.endswith("+ 0 B sgd states = 8 B (activations come on top)")
+    lora = memory_stats("Llama-2-7B", "lora", "bf16", 1, 512, "adamw")
+    assert format_memory_precision(lora) == (
+        f"lora: per trainable adapter parameter ({lora['trainable_params']:,}, fp32): "
+        "4 B weight + 4 B gradient + 8 B adamw states = 16 B; frozen base model (bf16): "
+        "2 B per weight, no gradient, no optimizer state"
+    )
+    qlora = format_memory_precision(memory_stats("Llama-2-7B", "qlora", "bf16", 1, 512, "adamw"))
+    assert "frozen base model (bf16, linear layers in NF4): 0.574 B per weight on average" in qlora
+    with pytest.raises(ValueError, match="master_weights"):
+        format_memory_precision({"method": "full"})
 
 
 # ------------------------------------------------------------------------------ the text
@@ -128,8 +185,14 @@ def test_widget_shows_the_formatted_stats_and_updates_on_change():
     calculator = memory_calculator()
     assert MEMORY_STATS_CLASS == "course-memory-stats"
     assert MEMORY_STATS_CLASS in calculator.stats_html._dom_classes
+    assert MEMORY_PRECISION_CLASS in calculator.precision_html._dom_classes
     assert _text(calculator) == format_memory_stats(memory_stats())
     controls = calculator.controls
+    # the dtype dropdown shows what each choice means; its values stay the dtype names
+    assert controls["dtype"].options == tuple(
+        (MEMORY_DTYPES[name], name) for name in memory.BYTES_PER_DTYPE
+    )
+    assert controls["dtype"].label == MEMORY_DTYPES["fp32"]
     assert controls["batch"].description == "batch"
     assert controls["seq_len"].description == "seq len"
     assert list(controls["model"].options) == list(memory.PRESETS)
@@ -144,6 +207,12 @@ def test_widget_shows_the_formatted_stats_and_updates_on_change():
     expected = memory_stats("Llama-2-7B", "qlora", "bf16", 9, 1024, "adamw_8bit")
     assert calculator.stats == expected
     assert _text(calculator) == format_memory_stats(expected)
+    assert html.unescape(calculator.precision_html.value) == format_memory_precision(expected)
+    assert controls["dtype"].label == MEMORY_DTYPES["bf16"]
+    controls["method"].value = "full"
+    full = memory_stats("Llama-2-7B", "full", "bf16", 9, 1024, "adamw_8bit")
+    assert full["master_weights"] and calculator.stats == full
+    assert html.unescape(calculator.precision_html.value) == format_memory_precision(full)
 
 
 def test_widget_draws_the_chart_and_the_gpu_table():
