@@ -82,10 +82,14 @@ class TrainResult:
 
     @property
     def seconds_per_step(self) -> float:
-        """Median wall time of one optimizer step (robust to the slow first step)."""
+        """Median wall time of the steps after MEMORY_STEPS (step 1 warms up, 2-3 may be profiled).
+
+        A run of MEMORY_STEPS[-1] steps or fewer has no such step: the median of all its steps.
+        """
         if not self.step_seconds:
             return self.seconds / max(self.steps, 1)
-        ordered = sorted(self.step_seconds)
+        settled = self.step_seconds[MEMORY_STEPS[-1] :] or self.step_seconds
+        ordered = sorted(settled)
         return ordered[len(ordered) // 2]
 
     @property
