@@ -413,6 +413,7 @@ def _estimate_for(measured: dict) -> dict:
         optimizer="adamw",
         lora_r=measured["lora_r"],
         gradient_checkpointing=measured["gradient_checkpointing"],
+        loss="standard",  # the measured step is `model(**batch).loss`: transformers' own loss
     )
     return est.breakdown()
 

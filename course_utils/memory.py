@@ -37,6 +37,7 @@ __all__ = [
     "GB",
     "GPUS",
     "LLAMA_LINEAR_LAYERS",
+    "DEFAULT_LOSS",
     "LOSSES",
     "MLPS",
     "OPTIMIZER_BYTES_PER_PARAM",
@@ -68,13 +69,16 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw_8bit": 2 * (1 + 4 / 256), "sgd
 #: How each loss holds the fp32 logits at its peak: the tokens of one chunk (None: all of them)
 #: and the bytes per token and vocabulary entry, measured against the libraries by the tests.
 #: standard: transformers' cross-entropy over the full logits (logits, log-probabilities and
-#: their gradient); fused: the labs' path (`course_utils.fused_loss`), 256 labelled tokens per
+#: their gradient); fused: the course's own (`course_utils.fused_loss`, lab 08), 256 labelled tokens per
 #: chunk, their logits overwritten by the softmax with 32 rows of probabilities beside them
 #: (4 + 4 x 32 / 256 = 4.5 bytes per entry), the gradient formed in the forward pass (and,
 #: when the head trains, its weight's gradient kept until the backward pass); chunked_nll:
 #: TRL's default loss, 256 labelled tokens per chunk, recomputed in the backward pass with the
 #: probabilities for the entropy TRL logs; unsloth_cpu: Unsloth's CPU cross-entropy, chunks of
 #: 16 Mi logits whose gradient it forms in the forward pass (a SmolLM2 chunk: 341 tokens).
+#: The loss `estimate` assumes unless told: what TRL's SFTTrainer does by default, the path the
+#: labs (05-11) train with.
+DEFAULT_LOSS = "chunked_nll"
 LOSSES = {
     "standard": {"chunk_tokens": None, "bytes_per_entry": 12},
     "fused": {"chunk_tokens": 256, "bytes_per_entry": 4.5, "keeps_head_gradient": True},
@@ -428,7 +432,7 @@ def estimate(
     attention: str = "sdpa",
     master_weights: bool = False,
     adapter_dtype: str = "fp32",
-    loss: str = "standard",
+    loss: str = DEFAULT_LOSS,
     mlp: str = "standard",
 ) -> MemoryEstimate:
     """Estimate training memory for full fine-tuning, LoRA or QLoRA.
@@ -439,9 +443,10 @@ def estimate(
     the activations; LoRA adapters are kept in ``adapter_dtype`` (PEFT keeps them in fp32).
     ``master_weights=True`` adds the fp32 copy that mixed-precision training keeps next to
     fp16/bf16 weights (2 + 2 + 4 + 8 = 16 bytes per parameter again). ``loss`` says how the
-    loss holds the logits (LOSSES): ``"standard"`` (all of them), ``"fused"`` (the labs' path),
-    ``"chunked_nll"`` (TRL's default loss) or ``"unsloth_cpu"``; ``mlp`` how the MLP keeps
-    its SwiGLU (MLPS): ``"standard"`` or ``"swiglu"`` (the labs' path, `course_utils.swiglu`).
+    loss holds the logits (LOSSES): ``"chunked_nll"`` (the default: TRL's SFTTrainer, the labs'
+    path), ``"standard"`` (all of them: transformers' own loss, a plain Trainer), ``"fused"``
+    (`course_utils.fused_loss`, lab 08) or ``"unsloth_cpu"``; ``mlp`` how the MLP keeps its
+    SwiGLU (MLPS): ``"standard"`` (the model's own) or ``"swiglu"`` (`course_utils.swiglu`).
     """
     method = _check_choice(method, "method", {"full", "lora", "qlora"})
     dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)

@@ -112,13 +112,22 @@ def test_lora_and_qlora_memory():
 
 
 def test_activations_scale_with_batch_and_checkpointing():
-    one = M.estimate("SmolLM2-135M", batch=1, seq_len=128).activations
-    four = M.estimate("SmolLM2-135M", batch=4, seq_len=128).activations
+    std = {"loss": "standard"}  # every token's logits: activations linear in the batch
+    one = M.estimate("SmolLM2-135M", batch=1, seq_len=128, **std).activations
+    four = M.estimate("SmolLM2-135M", batch=4, seq_len=128, **std).activations
     assert four == 4 * one > 0
-    ckpt = M.estimate("SmolLM2-135M", batch=4, seq_len=128, gradient_checkpointing=True)
+    ckpt = M.estimate("SmolLM2-135M", batch=4, seq_len=128, gradient_checkpointing=True, **std)
     assert ckpt.activations < four / 2  # measured on SmolLM2: ~2.7x less at QLoRA's peak
-    eager = M.estimate("SmolLM2-135M", batch=4, seq_len=128, attention="eager")
+    eager = M.estimate("SmolLM2-135M", batch=4, seq_len=128, attention="eager", **std)
     assert eager.activations > four
+
+
+def test_the_default_loss_is_what_trls_sft_trainer_uses():
+    from trl import SFTConfig
+
+    assert M.DEFAULT_LOSS == SFTConfig(output_dir="unused", bf16=False).loss_type == "chunked_nll"
+    kw = {"method": "full", "batch": 8, "seq_len": 160}
+    assert M.estimate("SmolLM2-135M", **kw) == M.estimate("SmolLM2-135M", loss="chunked_nll", **kw)
 
 
 # The logits of one loss, measured: hidden states of 1024 tokens against a vocabulary of 8192.
@@ -150,7 +159,7 @@ def test_each_loss_holds_the_logits_the_estimator_counts(loss, loss_fn):
 
 def test_a_chunked_loss_lowers_the_estimate_by_its_logits():
     kw = {"method": "lora", "batch": 8, "seq_len": 128}
-    standard = M.estimate("SmolLM2-135M", **kw)
+    standard = M.estimate("SmolLM2-135M", loss="standard", **kw)
     chunked = M.estimate("SmolLM2-135M", loss="chunked_nll", **kw)
     assert standard.activations - chunked.activations == 49152 * (1024 * 12 - 256 * 16)
     assert M.loss_chunk_tokens("chunked_nll", 49152) == 256
@@ -161,16 +170,19 @@ def test_a_chunked_loss_lowers_the_estimate_by_its_logits():
     for method, head in (("full", 49152 * 576 * 4), ("lora", 0)):
         kw = {"method": method, "batch": 8, "seq_len": 128}
         fused = M.estimate("SmolLM2-135M", loss="fused", **kw).activations
-        assert fused - M.estimate("SmolLM2-135M", **kw).activations == head - 49152 * (
+        standard = M.estimate("SmolLM2-135M", loss="standard", **kw).activations
+        assert fused - standard == head - 49152 * (
             1024 * 12 - 256 * 4.5  # one chunk's logits, 32 rows of probabilities beside them
         )
     few = {"method": "lora", "batch": 1, "seq_len": 100}  # fewer tokens than one chunk: all
     difference = M.estimate("SmolLM2-135M", loss="chunked_nll", **few).activations - (
-        M.estimate("SmolLM2-135M", **few).activations
+        M.estimate("SmolLM2-135M", loss="standard", **few).activations
     )
     assert difference == 100 * 49152 * (16 - 12)
     # with checkpointing the logits and the recomputed layer come one after the other
-    ckpt = M.estimate("SmolLM2-135M", gradient_checkpointing=True, batch=4, seq_len=128)
+    ckpt = M.estimate(
+        "SmolLM2-135M", gradient_checkpointing=True, batch=4, seq_len=128, loss="standard"
+    )
     kept = 4 * 128 * 30 * 576 * 4
     assert ckpt.activations == kept + M._logit_bytes(49152, 512, "standard")
 
