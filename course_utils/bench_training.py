@@ -5,10 +5,12 @@ for a few steps with each method, every workload in a *fresh* subprocess, on the
 Python language reference (``course_utils.data``) cut into blocks of ``seq_len`` tokens, so every
 step sees exactly ``batch x seq_len`` real tokens and no padding. The workloads:
 
-* ``course-full``, ``course-lora``, ``course-qlora``: the labs' own path,
-  ``train.prepare_model`` + ``train.train`` (TRL's ``SFTTrainer`` with the course's fused loss
-  and SwiGLU), LoRA r=16 on every linear layer, QLoRA on the NF4 model with gradient
+* ``course-full``, ``course-lora``, ``course-qlora``: ``train.prepare_model`` + ``train.train``
+  (TRL's ``SFTTrainer``) with the course's own kernels, the fused loss and SwiGLU (lab 08's
+  "going further"), LoRA r=16 on every linear layer, QLoRA on the NF4 model with gradient
   checkpointing;
+* ``sft-lora``: the same LoRA with TRL's stock loss and the model's own MLP: the labs' path
+  (lab 05 writes it out with ``SFTConfig`` and ``SFTTrainer``);
 * ``trainer-lora``: the same LoRA workload through plain ``transformers.Trainer`` + PEFT, the
   reference the course path must not be slower than;
 * ``unsloth-lora``: the same LoRA through Unsloth (``FastLanguageModel``, lab 08) and
@@ -73,7 +75,18 @@ __all__ = [
 
 #: The workloads: the course path for each method, LoRA through plain Trainer + PEFT, and
 #: LoRA through Unsloth.
-WORKLOADS = ("course-full", "course-lora", "course-qlora", "trainer-lora", "unsloth-lora")
+WORKLOADS = (
+    "course-full",
+    "course-lora",
+    "course-qlora",
+    "sft-lora",
+    "trainer-lora",
+    "unsloth-lora",
+)
+#: What each path trains with inside `train.train`: (TRL loss_type, the course's SwiGLU). course:
+#: the course's fused loss and SwiGLU (lab 08's "going further"); sft: TRL's stock SFTTrainer,
+#: lab 05's path; unsloth: the plain loss, which Unsloth's CPU fallback replaces by its own.
+KERNELS = {"course": ("fused", True), "sft": ("chunked_nll", False), "unsloth": ("nll", False)}
 #: The data every workload trains on: ``blocks`` of the Python reference (every token labelled,
 #: no padding) or ``chat``, the labs' rentals examples (assistant-only labels, padded per batch).
 DATA = ("blocks", "chat")
@@ -197,7 +210,7 @@ def _unsloth_path(model, tokenizer, dataset, steps, batch, lora_r, lr) -> dict:
     from . import unsloth_backend
 
     model = unsloth_backend.get_peft_model(model, r=lora_r)
-    out = _train_measured(model, tokenizer, dataset, "lora", steps, batch, lr, course_kernels=False)
+    out = _train_measured(model, tokenizer, dataset, "lora", steps, batch, lr, path="unsloth")
     return {**out, "backend": unsloth_backend.describe(model)}
 
 
@@ -289,16 +302,15 @@ def _plain_trainer_lora(
     }
 
 
-def _train_measured(
-    model, tokenizer, dataset, method, steps, batch, lr, course_kernels: bool = True
-) -> dict:
+def _train_measured(model, tokenizer, dataset, method, steps, batch, lr, path: str) -> dict:
     """train.train (TRL SFTTrainer) on a prepared model, memory measured; the bench's fields.
 
-    `course_kernels`: the course's fused loss and SwiGLU; False: the plain loss and the
-    model's own MLP (what Unsloth's CPU fallback replaces with its chunked loss).
+    `path` picks the loss and the MLP (KERNELS): the course's kernels, TRL's stock ones, or the
+    plain loss that Unsloth's CPU fallback replaces with its chunked one.
     """
     from . import train
 
+    loss_type, fused_mlp = KERNELS[path]
     rates: list[float] = []
     result = train.train(
         model,
@@ -311,8 +323,8 @@ def _train_measured(
         live_plot=False,
         measure_memory=True,
         progress_bar=False,
-        loss_type="fused" if course_kernels else "nll",
-        fused_mlp=course_kernels,
+        loss_type=loss_type,
+        fused_mlp=fused_mlp,
         callbacks=[_rate_sampler(rates)],
     )
     return {
@@ -326,13 +338,13 @@ def _train_measured(
     }
 
 
-def _course_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr) -> dict:
-    """The labs' path: train.prepare_model + train.train (TRL SFTTrainer), memory measured."""
+def _sft_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr, path) -> dict:
+    """train.prepare_model + train.train (TRL SFTTrainer) with `path`'s kernels, memory measured."""
     from . import train
 
     lora = None if method == "full" else train.lora_config(r=lora_r)
     model = train.prepare_model(model, method, lora=lora)
-    return _train_measured(model, tokenizer, dataset, method, steps, batch, lr)
+    return _train_measured(model, tokenizer, dataset, method, steps, batch, lr, path=path)
 
 
 def run_workload(
@@ -375,8 +387,8 @@ def run_workload(
         / steps
     )
     base = _load(model, method, tokenizer, where, path)
-    if path == "course":
-        out = _course_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate)
+    if path in ("course", "sft"):
+        out = _sft_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate, path)
     elif path == "unsloth":
         out = _unsloth_path(base, tokenizer, dataset, steps, batch, lora_r, learning_rate)
     else:
@@ -494,8 +506,8 @@ def flops_per_token(
 
 def _loss(row: dict) -> str:
     """The loss a workload trained with, as memory.LOSSES names it."""
-    if row["path"] == "course":  # train.train with its default loss
-        return "fused"
+    if row["path"] in ("course", "sft"):  # train.train with the path's loss
+        return KERNELS[row["path"]][0]
     if row["path"] == "unsloth" and row["device"] == "cpu":  # Unsloth's CPU fallback
         return "unsloth_cpu"
     return "standard"  # plain Trainer (Unsloth's GPU kernels are not modelled)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from . import delta_lora, memory, train
+from .checks import positive_int, positive_number
 
 __all__ = [
     "METHODS",
@@ -145,8 +146,8 @@ def make_adapter_config(
     from peft import LoraConfig, VeraConfig
 
     method = _check_method(method)
-    r = train._positive_int(r, "r (the rank)", "r=16")
-    alpha = train._positive_number(alpha, "alpha", "alpha=2*r")
+    r = positive_int(r, "r (the rank)", "r=16")
+    alpha = positive_number(alpha, "alpha", "alpha=2*r")
     targets = _check_targets(target_modules)
     if method == "delta-lora":
         fields = {"r": r, "alpha": alpha, "target_modules": targets, **overrides}
@@ -231,7 +232,7 @@ def make_optimizer(
     LoRA-FA: PEFT's ``create_lorafa_optimizer`` (A frozen, B's gradient projected).
     """
     method = _check_method(method)
-    learning_rate = train._positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
+    learning_rate = positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
     ratio = loraplus_lr_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, Real) or not ratio >= 1:
         raise ValueError(
@@ -320,7 +321,7 @@ def trainable_parameter_formula(
     only, r·d_out; VeRA trains the vectors b (d_out) and d (r) over frozen shared A and B.
     """
     method = _check_method(method)
-    r = train._positive_int(r, "r (the rank)", "r=16")
+    r = positive_int(r, "r (the rank)", "r=16")
     cfg = memory.get_config(model_config)
     shapes = memory.linear_layer_shapes(cfg)  # name -> (d_in, d_out)
     names = _targets_of(targets)

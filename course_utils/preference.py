@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import data, env
+from .checks import positive_int, positive_number
 
 __all__ = [
     "MISTAKES",
@@ -456,10 +457,10 @@ def dpo_trainer(
 
     if isinstance(model, PeftModel):
         raise ValueError("Pass the base model (assets.load_model()); the trainer adds the adapter.")
-    steps = train._positive_int(steps, "steps", "steps=20")
-    batch_size = train._positive_int(batch_size, "batch_size", "batch_size=8")
-    learning_rate = train._positive_number(learning_rate, "learning_rate", "learning_rate=5e-4")
-    max_length = train._positive_int(max_length, "max_length", "max_length=256")
+    steps = positive_int(steps, "steps", "steps=20")
+    batch_size = positive_int(batch_size, "batch_size", "batch_size=8")
+    learning_rate = positive_number(learning_rate, "learning_rate", "learning_rate=5e-4")
+    max_length = positive_int(max_length, "max_length", "max_length=256")
     beta = _beta(beta)
     on_cuda = next(model.parameters()).device.type == "cuda"
     dtype = env.default_dtype("cuda") if on_cuda else torch.float32

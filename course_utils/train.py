@@ -18,7 +18,6 @@ same way in one call, and to race TRL's stock loss against the course's kernels:
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch
 
 from . import data, env, fused_loss, swiglu
 from .callbacks import TrainingMeter, TrainResult, count_parameters, plot_losses
+from .checks import positive_int, positive_number
 
 __all__ = [
     "METHODS",
@@ -58,22 +58,6 @@ CHECKPOINTING = {"use_reentrant": True}
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_int(value: object, name: str, example: str) -> int:
-    """Return `value` if it is an integer > 0, else raise saying what to pass."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer (got {value!r}); try {example}.")
-    return value
-
-
-def _positive_number(value: object, name: str, example: str) -> float:
-    """Return `value` as a float if it is a finite number > 0, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number (got {value!r}); try {example}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite (got {value!r}); try {example}.")
-    return float(value)
-
-
 def _check_method(method: object) -> str:
     """Return `method` if it is one of METHODS, else raise listing them."""
     if method not in METHODS:
@@ -96,8 +80,8 @@ def lora_config(
     """Return a PEFT ``LoraConfig`` for a causal LM (alpha defaults to 2·r, the common choice)."""
     from peft import LoraConfig
 
-    r = _positive_int(r, "r (the LoRA rank)", "r=16")
-    alpha = 2 * r if alpha is None else _positive_number(alpha, "alpha", "alpha=2*r")
+    r = positive_int(r, "r (the LoRA rank)", "r=16")
+    alpha = 2 * r if alpha is None else positive_number(alpha, "alpha", "alpha=2*r")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1) (got {dropout!r}); try dropout=0.0.")
     if isinstance(target_modules, str):
@@ -265,9 +249,9 @@ def train(
     from trl import SFTConfig, SFTTrainer
 
     method = _check_method(method)
-    steps = _positive_int(steps, "steps", "steps=60")
-    batch_size = _positive_int(batch_size, "batch_size", "batch_size=8")
-    learning_rate = _positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
+    steps = positive_int(steps, "steps", "steps=60")
+    batch_size = positive_int(batch_size, "batch_size", "batch_size=8")
+    learning_rate = positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an integer >= 0 (got {warmup_steps!r}).")
     if loss_type not in LOSS_TYPES:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import assets, env
-from .train import _positive_int, _positive_number
+from .checks import positive_int, positive_number
 
 __all__ = [
     "LLAMA_TARGETS",
@@ -69,7 +69,7 @@ def load_model(
     copy, or the hub when it is cached or online); `dtype` defaults to the course dtype of the
     device `env.pick_device` picks (fp32 on a CPU: Unsloth's own CPU default would be bf16).
     """
-    max_seq_length = _positive_int(max_seq_length, "max_seq_length", "max_seq_length=512")
+    max_seq_length = positive_int(max_seq_length, "max_seq_length", "max_seq_length=512")
     if not isinstance(load_in_4bit, bool):
         raise ValueError(f"load_in_4bit must be True or False (got {load_in_4bit!r}).")
     if location is None:
@@ -105,8 +105,8 @@ def get_peft_model(
     seed: int = 0,
 ):
     """Put LoRA on an Unsloth model with ``FastLanguageModel.get_peft_model`` (α defaults to 2·r)."""
-    r = _positive_int(r, "r (the LoRA rank)", "r=16")
-    alpha = 2 * r if alpha is None else _positive_number(alpha, "alpha", "alpha=2*r")
+    r = positive_int(r, "r (the LoRA rank)", "r=16")
+    alpha = 2 * r if alpha is None else positive_number(alpha, "alpha", "alpha=2*r")
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(
             "target_modules must be a list of layer names such as ['q_proj', 'v_proj']."

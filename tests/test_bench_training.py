@@ -13,7 +13,7 @@ import pytest
 from course_utils import bench_training, memory
 
 MB = 2**20
-WORKLOADS = ["course-full", "course-lora", "trainer-lora", "unsloth-lora"]
+WORKLOADS = ["course-full", "course-lora", "sft-lora", "trainer-lora", "unsloth-lora"]
 
 
 @pytest.fixture(scope="module")
