@@ -44,6 +44,7 @@ __all__ = [
     "METHODS",
     "Method",
     "apply_method",
+    "describe_config",
     "make_adapter_config",
     "make_callbacks",
     "make_optimizer",
@@ -194,29 +195,64 @@ def apply_method(
     r: int = 16,
     alpha: float = 32,
     target_modules: str | Sequence[str] = "all-linear",
+    *,
+    verbose: bool = True,
     **overrides: Any,
 ):
-    """Wrap a fresh base model for `method` and return the model to train (A frozen for LoRA-FA)."""
+    """Wrap a fresh base model for `method` and return the model to train (A frozen for LoRA-FA).
+
+    The PEFT methods go through PEFT's own ``get_peft_model`` with the config
+    `make_adapter_config` builds; with `verbose` the config is printed, its fields that differ
+    from the config class's defaults, so the one-line switch never hides what it built.
+    """
+    from peft import get_peft_model
+
     method = _check_method(method)
     config = make_adapter_config(
         method, r=r, alpha=alpha, target_modules=target_modules, **overrides
     )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a transformers model (got {type(model).__name__}).")
+    if getattr(model, "peft_config", None) or delta_lora.delta_lora_layers(model):
+        raise ValueError(
+            "This model already has adapters; load a fresh base model with from_pretrained."
+        )
+    if verbose:
+        extra = {
+            "lora+": "; optimizer: peft.optimizers.create_loraplus_optimizer (make_optimizer)",
+            "lora-fa": "; A frozen, optimizer: peft.optimizers.create_lorafa_optimizer",
+            "delta-lora": "; W moved after each step by a TrainerCallback (make_callbacks)",
+        }
+        print(f"{method}: {describe_config(config)}{extra.get(method, '')}")
     if method == "delta-lora":
-        if getattr(model, "peft_config", None) or delta_lora.delta_lora_layers(model):
-            raise ValueError(
-                "This model already has adapters; load a fresh base model with assets.load_model()."
-            )
         delta_lora.inject_delta_lora(model, config)
         model.train()
         return model
-    peft_model = train.prepare_model(model, "lora", lora=config)
+    peft_model = get_peft_model(model, config)
     if method == "lora-fa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)  # LoRA-FA: A stays at its random init
     return peft_model
+
+
+def describe_config(config) -> str:
+    """Return ``ClassName(field=value, ...)`` with the fields that differ from the class defaults."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(
+            f"config must be an adapter config dataclass (got {type(config).__name__})."
+        )
+    defaults = type(config)()
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.repr and getattr(config, f.name) != getattr(defaults, f.name)
+    }
+    if not changed:  # the class's own defaults: show them all
+        return repr(config)
+    return f"{type(config).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
 
 def make_optimizer(
