@@ -27,6 +27,12 @@ LORA = "02_lora_math/02_lora_math_exercises.ipynb"
 QUANT = "03_quantization/03_quantization_exercises.ipynb"
 WHY = "01_why_finetune/01_why_finetune_exercises.ipynb"
 DATA = "04_data_preparation/04_data_preparation_exercises.ipynb"
+#: The labs whose fourth exercise trains or loads a tiny model through TRL or transformers.
+LIBRARY_LABS = (
+    "05_lora_lab/05_lora_lab_exercises.ipynb",
+    "06_qlora_lab/06_qlora_lab_exercises.ipynb",
+    "10_preference_tuning/10_preference_tuning_exercises.ipynb",
+)
 CELL_TIMEOUT = 10
 
 
@@ -268,6 +274,24 @@ def test_solved_lesson_01_and_04_exercises_score_full_marks(tmp_path):
         totals[row.assignment] = totals.get(row.assignment, 0) + row.score
         assert row.status == "passed", row
     assert totals == {"01_why_finetune": 10, "04_data_preparation": 10}
+
+
+def test_solved_trainer_exercises_score_full_marks_in_the_sandbox(tmp_path):
+    """TRL's SFTTrainer and DPOTrainer and a 4-bit load train and run inside the grader's
+    sandbox (no processes, no writes outside the kernel's folder) without a word on stderr."""
+    submissions = tmp_path / "submissions"
+    for relative in LIBRARY_LABS:
+        model = dict.fromkeys(_answers(ROOT / "solutions" / relative), "SOLVED")
+        target = submissions / "erin" / Path(relative).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        notebook = _submission(ROOT / "exercises" / relative, ROOT / "solutions" / relative, model)
+        nbformat.write(notebook, target)
+    rows = grading.grade_submissions(submissions, tmp_path / "out", jobs=2)
+    totals = {}
+    for row in rows:
+        totals[row.assignment] = totals.get(row.assignment, 0) + row.score
+        assert row.status == "passed", row
+    assert totals == {"05_lora_lab": 13, "06_qlora_lab": 13, "10_preference_tuning": 13}
 
 
 # ------------------------------------------------------------------------------------------
