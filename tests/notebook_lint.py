@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import tomllib
@@ -16,6 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_OUTPUT_BYTES = 100_000  # per cell: a notebook is read in a diff, not a data dump
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:work|tmp|root|home|Users|content|mnt)/[\w.-]+")
 NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
+#: The first lesson that trains a model: from here on the learner must see the libraries' calls.
+FIRST_TRAINING_LAB = 5
+#: Course wrappers that build a model, a config or a trainer out of sight (module -> names). A
+#: training lab writes from_pretrained, LoraConfig, SFTConfig/SFTTrainer, BitsAndBytesConfig,
+#: DPOConfig/DPOTrainer, FastLanguageModel itself; lab 09's one-line switch
+#: (methods.apply_method) is the lesson and stays.
+WRAPPERS = {
+    "train": {"train", "prepare_model", "lora_config", "chat_dataset"},
+    "assets": {"load_model", "nf4_config"},
+    "preference": {"dpo_trainer"},
+    "unsloth_backend": {"load_model", "get_peft_model"},
+    "methods": {"train_method"},
+}
 
 
 def course_settings() -> dict:
@@ -70,7 +84,50 @@ def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
     code = [c for c in cells if c.cell_type == "code"]
     if not code or "assert" not in code[-1].source:
         problems.append("the last code cell must check the lesson's claims with assert")
+    if NAME.match(path.name) and is_training_lab(path):
+        problems += [
+            f"{call}: a training lab writes the library's own calls, not a course wrapper"
+            for call in wrapper_calls(path)
+        ]
     return problems
+
+
+def wrapper_calls(path: Path) -> list[str]:
+    """Return each call (or import) of a course training wrapper in a notebook's code cells."""
+    notebook = nbformat.read(Path(path), as_version=4)
+    found = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(
+            line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))
+        )
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue  # nbval reports a cell that does not parse
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.attr in WRAPPERS.get(node.func.value.id, ())
+            ):
+                found.append(f"cell {index}: {node.func.value.id}.{node.func.attr}(...)")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "course_utils."
+            ):
+                module = node.module.split(".", 1)[1]
+                for alias in node.names:
+                    if alias.name in WRAPPERS.get(module, ()):
+                        found.append(f"cell {index}: from {node.module} import {alias.name}")
+    return found
+
+
+def is_training_lab(path: Path) -> bool:
+    """Say whether a lesson notebook is a lab that trains (lessons 05 on)."""
+    path = Path(path)
+    return path.parent.name == "notebooks" and int(path.name[:2]) >= FIRST_TRAINING_LAB
 
 
 def _source(cells, index: int) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from notebook_lint import ROOT, badge_url, lint_notebook
+from notebook_lint import ROOT, badge_url, is_training_lab, lint_notebook, wrapper_calls
 
 from course_utils.course_map import LESSONS
 
@@ -82,3 +82,53 @@ def test_lint_catches_a_missing_check_cell_and_bad_json(good, tmp_path):
     broken = tmp_path / "notebooks" / "01_broken.ipynb"
     broken.write_text("{ not json")
     assert lint_notebook(broken, root=tmp_path)[0].startswith("not a valid notebook")
+
+
+def test_every_training_lab_writes_the_libraries_calls_and_no_wrapper():
+    labs = [p for p in NOTEBOOKS if is_training_lab(p)]
+    assert [p.name[:2] for p in labs] == ["05", "06", "07", "08", "09", "10", "11"]
+    for lab in labs:
+        assert wrapper_calls(lab) == [], lab.name
+    source = "\n".join("".join(c.source) for lab in labs for c in nbformat.read(lab, 4).cells)
+    for call in (
+        "LoraConfig(",
+        "get_peft_model(",
+        "SFTConfig(",
+        "SFTTrainer(",
+        "from_pretrained(",
+        "BitsAndBytesConfig(",
+        "prepare_model_for_kbit_training(",
+        "DPOConfig(",
+        "DPOTrainer(",
+        "FastLanguageModel.from_pretrained(",
+        "FastLanguageModel.get_peft_model(",
+    ):
+        assert call in source, f"no training lab shows {call}"
+
+
+def test_the_lint_catches_a_training_lab_that_calls_a_wrapper(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    target = tmp_path / "notebooks" / "05_lora_lab.ipynb"
+    target.write_text((ROOT / "notebooks" / "05_lora_lab.ipynb").read_text())
+
+    def change(nb):
+        wrapped = nbformat.v4.new_code_cell(
+            "from course_utils.train import prepare_model\n"
+            "model = train.prepare_model(assets.load_model(), 'lora')\n"
+            "result = train.train(model, tokenizer, examples, method='lora', steps=4)"
+        )
+        nb.cells.insert(len(nb.cells) - 1, wrapped)
+
+    _rewrite(target, change)
+    problems = lint_notebook(target, root=tmp_path)
+    wrappers = [p for p in problems if "not a course wrapper" in p]
+    assert len(wrappers) == 4, problems
+    assert any("train.train(...)" in p for p in wrappers)
+    assert any("assets.load_model(...)" in p for p in wrappers)
+    assert any("import prepare_model" in p for p in wrappers)
+    # the same calls in a lesson that does not train (00-04) are not the lint's business
+    other = tmp_path / "notebooks" / "00_start_here.ipynb"
+    target.rename(other)
+    assert wrapper_calls(other) and not any(
+        "course wrapper" in p for p in lint_notebook(other, root=tmp_path)
+    )
