@@ -9,6 +9,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8888
 # Jupyter refuses to run as root unless told to (containers, CI, Colab-like machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+# A Linux laptop without an NVIDIA GPU: `make course TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+# installs PyTorch's CPU-only wheel (a few hundred MB) before the rest, instead of the default
+# build from PyPI, which brings several GB of CUDA libraries (README, Hardware).
+TORCH_INDEX ?=
+TORCH_PIN := $(shell sed -n 's/^torch==//p' requirements.txt)
 # Per-cell time limit for notebooks under test (seconds).
 CELL_TIMEOUT ?= 900
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -37,6 +42,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 10), "Python 3.10+ needed (3.11 is the tested one)"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install -q torch==$(TORCH_PIN) --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps -e .

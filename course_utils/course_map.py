@@ -109,8 +109,11 @@ def machine_kind() -> tuple[str, str]:
     return "cpu", f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def measure_notebook(path: Path, timeout: int = 3600) -> float:
-    """Run a notebook top to bottom (learner profile) in its own folder and return its seconds."""
+def measure_notebook(path: Path, timeout: int = 3600, save_to: Path | None = None) -> float:
+    """Run a notebook top to bottom (learner profile) in its own folder and return its seconds.
+
+    With `save_to` (a folder) the executed notebook, outputs and all, is written there too.
+    """
     import nbformat
     from nbclient import NotebookClient
 
@@ -129,7 +132,11 @@ def measure_notebook(path: Path, timeout: int = 3600) -> float:
     )
     started = time.perf_counter()
     client.execute()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if save_to is not None:
+        Path(save_to).mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, Path(save_to) / path.name)
+    return seconds
 
 
 def record_timing(stem: str, seconds: float, path: Path = TIMINGS_FILE) -> dict:
@@ -150,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--measure", action="store_true", help="run the notebooks and time them")
+    parser.add_argument("--save", type=Path, default=None, help="keep the executed notebooks here")
     args = parser.parse_args(argv)
     if args.measure:
         for notebook in args.notebooks:
-            seconds = measure_notebook(notebook)
+            seconds = measure_notebook(notebook, save_to=args.save)
             record = record_timing(notebook.stem, seconds)
             print(f"{notebook.name}: {seconds:.0f} s on {record['machine']}")
     print(course_map_markdown())

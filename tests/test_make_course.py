@@ -41,3 +41,24 @@ def test_make_course_serves_jupyterlab(tmp_path):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_cpu_only_torch_index_is_used_before_the_pinned_requirements(tmp_path):
+    """`make course TORCH_INDEX=...` installs the pinned torch from that index first (a dry run)."""
+    index = "https://download.pytorch.org/whl/cpu"
+    venv = tmp_path / "venv"  # a venv that does not exist: make plans the whole set-up
+    plan = subprocess.run(
+        ["make", "-n", "--no-print-directory", "setup", f"VENV={venv}", f"TORCH_INDEX={index}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    lines = plan.splitlines()
+    torch_line = next(i for i, line in enumerate(lines) if f"--index-url {index}" in line)
+    assert f"torch=={pin}" in lines[torch_line]
+    requirements = next(i for i, line in enumerate(lines) if "-r requirements.txt" in line)
+    assert torch_line < requirements
+    default = subprocess.run(
+        ["make", "-n", "--no-print-directory", "setup", f"VENV={venv}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "--index-url" not in default
