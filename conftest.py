@@ -83,6 +83,7 @@ SLOWEST_FIRST = (
     "notebooks/06_qlora_lab.ipynb",  # 110 s
     "notebooks/05_lora_lab.ipynb",  # 166 s, but after the second run of 05 (their lock)
     "tests/test_browser_widgets.py",  # 99 s
+    "tests/test_examples_finetune.py",  # ~110 s on a busy machine: LoRA and QLoRA runs
     "tests/test_assets.py",  # 75 s
     "tests/test_deploy.py",  # 68 s
 )
