@@ -259,38 +259,32 @@ def test_a_notebook_that_ignores_interrupts_is_killed_with_its_kernel(tmp_path):
     assert leftovers == [], "the stubborn kernel must be killed"
 
 
-def test_solved_lesson_01_and_04_exercises_score_full_marks(tmp_path):
-    """The two newer assignments grade like the others; 04 loads the course tokenizer offline."""
+def _grade_solved(tmp_path, student: str, relatives) -> dict[str, int]:
+    """Grade `student`'s fully solved copies of `relatives`; every cell passes; points per assignment."""
     submissions = tmp_path / "submissions"
-    for relative in (WHY, DATA):
+    for relative in relatives:
         model = dict.fromkeys(_answers(ROOT / "solutions" / relative), "SOLVED")
-        target = submissions / "dana" / Path(relative).name
+        target = submissions / student / Path(relative).name
         target.parent.mkdir(parents=True, exist_ok=True)
         notebook = _submission(ROOT / "exercises" / relative, ROOT / "solutions" / relative, model)
         nbformat.write(notebook, target)
-    rows = grading.grade_submissions(submissions, tmp_path / "out", jobs=2)
-    totals = {}
-    for row in rows:
+    totals: dict[str, int] = {}
+    for row in grading.grade_submissions(submissions, tmp_path / "out", jobs=2):
         totals[row.assignment] = totals.get(row.assignment, 0) + row.score
         assert row.status == "passed", row
+    return totals
+
+
+def test_solved_lesson_01_and_04_exercises_score_full_marks(tmp_path):
+    """The two newer assignments grade like the others; 04 loads the course tokenizer offline."""
+    totals = _grade_solved(tmp_path, "dana", (WHY, DATA))
     assert totals == {"01_why_finetune": 10, "04_data_preparation": 10}
 
 
 def test_solved_trainer_exercises_score_full_marks_in_the_sandbox(tmp_path):
     """TRL's SFTTrainer and DPOTrainer and a 4-bit load train and run inside the grader's
     sandbox (no processes, no writes outside the kernel's folder) without a word on stderr."""
-    submissions = tmp_path / "submissions"
-    for relative in LIBRARY_LABS:
-        model = dict.fromkeys(_answers(ROOT / "solutions" / relative), "SOLVED")
-        target = submissions / "erin" / Path(relative).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        notebook = _submission(ROOT / "exercises" / relative, ROOT / "solutions" / relative, model)
-        nbformat.write(notebook, target)
-    rows = grading.grade_submissions(submissions, tmp_path / "out", jobs=2)
-    totals = {}
-    for row in rows:
-        totals[row.assignment] = totals.get(row.assignment, 0) + row.score
-        assert row.status == "passed", row
+    totals = _grade_solved(tmp_path, "erin", LIBRARY_LABS)
     assert totals == {"05_lora_lab": 13, "06_qlora_lab": 13, "10_preference_tuning": 13}
 
 
