@@ -445,15 +445,13 @@ def dpo_trainer(
     seed: int = 0,
     max_length: int = 256,
 ):
-    """Return TRL's DPOTrainer set up to train a LoRA adapter (default `train.lora_config()`) on pairs.
+    """Return TRL's DPOTrainer set up to train a LoRA adapter (default: r=16, α=32, all-linear).
 
     `model` is a plain transformers model: the trainer wraps it with the adapter, and its reference
     is the same network with the adapter switched off, so no second copy of the model is kept.
     """
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from trl import DPOConfig, DPOTrainer
-
-    from . import train
 
     if isinstance(model, PeftModel):
         raise ValueError("Pass the base model (assets.load_model()); the trainer adds the adapter.")
@@ -492,7 +490,9 @@ def dpo_trainer(
         train_dataset=to_dataset(train_pairs),
         eval_dataset=None if eval_pairs is None else to_dataset(eval_pairs),
         processing_class=tokenizer,
-        peft_config=lora if lora is not None else train.lora_config(),
+        peft_config=lora
+        if lora is not None
+        else LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
 
 
