@@ -5,10 +5,11 @@ with SmolLM2-135M-Instruct twice, one after the other, in one process:
 
 * ``plain``: what the labs did before: greedy ``generate`` 16 listings at a time, each whole
   prompt computed, every row generating the old 56-token budget;
-* ``course``: `course_utils.evaluate.score_instruction` as the labs run it now: 32 at a time,
+* ``course``: `course_utils.evaluate.score_instruction` as the labs run it now: 64 at a time,
   the system message (the schema, shared by every prompt) computed once and copied to every row,
-  a budget of the longest reference answer plus `data.ANSWER_SLACK` tokens, and a row stopped as
-  soon as its score is decided (`data.json_answer_decided`).
+  a budget of the longest reference answer plus `data.ANSWER_SLACK` tokens, a row stopped as
+  soon as its score is decided (`data.json_answer_decided`), and on a CPU grouped-query
+  attention without copies of the key/value cache (`generation.sdpa_gqa_attention`).
 
 Both must give the same exact match and lenient match (the bench stops otherwise). Run on the
 untrained model (``--adapter`` adds a trained LoRA adapter folder): it writes prose, the worst

@@ -885,7 +885,7 @@ def evaluate_instruction(
     tokenizer,
     examples: Sequence[Example],
     *,
-    batch_size: int = 32,
+    batch_size: int = 64,
     max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Generate answers for rentals examples and return exact match (strict and lenient).
@@ -923,7 +923,7 @@ def evaluate_instruction(
 
 
 def evaluate_classification(
-    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 32, max_new_tokens: int = 12
+    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 64, max_new_tokens: int = 12
 ) -> dict[str, Any]:
     """Generate answers for classification examples and return the accuracy of the labels read."""
     from course_utils.generation import generate_batch

@@ -86,7 +86,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def score_instruction(
-    model, tokenizer, examples: Sequence[data.Example], *, batch_size: int = 32
+    model, tokenizer, examples: Sequence[data.Example], *, batch_size: int = 64
 ) -> dict[str, Any]:
     """Run the rentals task on `examples`: exact match, lenient match and per-field accuracy."""
     _non_empty(examples, "examples", "data.load_instruction_task('test')")

@@ -1,6 +1,7 @@
 """course_utils.generation: chat and left-padded batches give the same greedy answers."""
 
 import pytest
+import torch
 
 from course_utils import data
 from course_utils.generation import as_messages, chat, generate_batch, shared_prefix_length
@@ -36,6 +37,27 @@ def test_a_shared_system_prompt_computed_once_gives_the_same_answers(model, toke
         model, tokenizer, listings, max_new_tokens=10, batch_size=3, share_prefix=False
     )
     assert shared == plain
+
+
+def test_grouped_query_attention_without_copies_gives_the_models_own_logits(model, tokenizer):
+    """generate_batch's attention (enable_gqa under a padding mask) = transformers' SDPA path."""
+    from course_utils import generation
+
+    batch = tokenizer(
+        ["A short one.", "A longer question about rental listings in Leeds?"],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        own = model(**batch).logits
+        with generation._gqa_attention(model):
+            assert model.config._attn_implementation == generation.SDPA_GQA
+            shared = model(**batch).logits
+    assert model.config._attn_implementation == "sdpa"  # put back
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(own[mask], shared[mask], atol=1e-4), (own - shared)[mask].abs().max()
+    generate_batch(model, tokenizer, QUESTIONS[:2], max_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_a_row_stops_when_its_answer_is_decided(model, tokenizer):
