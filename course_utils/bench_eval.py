@@ -3,8 +3,9 @@
 ``python -m course_utils.bench eval`` (part of ``make bench``) scores the same held-out listings
 with SmolLM2-135M-Instruct twice, one after the other, in one process:
 
-* ``plain``: what the labs did before: greedy ``generate`` 16 listings at a time, each whole
-  prompt computed, every row generating the old 56-token budget;
+* ``plain``: what the labs did before: transformers' greedy ``generate`` 16 listings at a
+  time, left-padded, each whole prompt computed, every row generating the old 56-token budget,
+  the model's own attention;
 * ``course``: `course_utils.evaluate.score_instruction` as the labs run it now: 64 at a time,
   the system message (the schema, shared by every prompt) computed once and copied to every row,
   a budget of the longest reference answer plus `data.ANSWER_SLACK` tokens, a row stopped as
@@ -36,12 +37,41 @@ GOAL_SECONDS_PER_100 = 30.0
 PLAIN = {"batch_size": 16, "max_new_tokens": 56}
 
 
+@torch.no_grad()
+def _plain_answers(model, tokenizer, prompts) -> list[str]:
+    """Greedy answers the plain way: whole prompts left-padded, `PLAIN` batches, no tricks."""
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    answers = []
+    try:
+        for start in range(0, len(texts), PLAIN["batch_size"]):
+            batch = tokenizer(
+                texts[start : start + PLAIN["batch_size"]],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(device)
+            output = model.generate(
+                **batch,
+                max_new_tokens=PLAIN["max_new_tokens"],
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = output[:, batch["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
 def _plain_scores(model, tokenizer, examples) -> dict:
     """Score `examples` the old way: whole prompts, fixed budget, no early stop."""
-    from .generation import generate_batch
-
-    prompts = [data.prompt_messages(e) for e in examples]
-    predictions = generate_batch(model, tokenizer, prompts, share_prefix=False, **PLAIN)
+    model.eval()
+    predictions = _plain_answers(model, tokenizer, [data.prompt_messages(e) for e in examples])
     references = [data.reference_answer(e) for e in examples]
     strict = [data.exact_match(p, r) for p, r in zip(predictions, references)]
     lenient = [data.exact_match(p, r, strict=False) for p, r in zip(predictions, references)]
