@@ -72,7 +72,7 @@ lint: setup
 	$(BIN)/ruff check conftest.py course_utils examples tests notebooks solutions
 	$(BIN)/ruff format --check conftest.py course_utils examples tests notebooks solutions
 
-# The exercise masters in solutions/ are executed by `nbgrader validate` (tests/test_exercises.py),
+# The exercise masters in solutions/ are executed by `nbgrader validate` (tests/notebooks/test_exercises.py),
 # which also checks that every graded cell passes, so nbval does not run them a second time.
 # Two pytest workers with one torch thread each (TEST_WORKERS=0 runs in one process with torch's
 # default threads): in one process the suite kept 1.4 of 2 cores busy, waiting on kernels,

@@ -1,7 +1,7 @@
 """Two pytest workers, one lesson at a time: the lock a lesson's two runs share.
 
 `make test` runs two workers (`pytest -n 2 --dist loadfile`): a notebook's cells stay on one
-worker, but nbval's run of a lesson (notebooks/) and its second run (tests/test_notebooks_rerun.py)
+worker, but nbval's run of a lesson (notebooks/) and its second run (tests/notebooks/test_notebooks_rerun.py)
 are in different files and may land on the two workers at once, where both would clear and
 refill the lesson's runs/ folder. Each takes the lesson's file lock first.
 """
@@ -72,20 +72,20 @@ def pytest_runtest_setup(item):
 #: this order, so the long ones start at once instead of running alone at the end. Lesson 05's
 #: nbval run comes after the second-run file has passed lesson 05 (they share its lock).
 SLOWEST_FIRST = (
-    "tests/test_notebooks_rerun.py",  # 290 s: lessons 00-05 again
-    "tests/test_exercises.py",  # 213 s: nbgrader validate on every master and exercise
+    "tests/notebooks/test_notebooks_rerun.py",  # 290 s: lessons 00-05 again
+    "tests/notebooks/test_exercises.py",  # 213 s: nbgrader validate on every master and exercise
     "notebooks/11_merge_and_deploy.ipynb",  # 196 s
     "notebooks/07_full_finetuning_lab.ipynb",  # 164 s
     "notebooks/10_preference_tuning.ipynb",  # 152 s
-    "tests/test_grading.py",  # 136 s
+    "tests/tools/test_grading.py",  # 136 s
     "notebooks/08_unsloth_lab.ipynb",  # 129 s
     "notebooks/09_lora_zoo.ipynb",  # 113 s
     "notebooks/06_qlora_lab.ipynb",  # 110 s
     "notebooks/05_lora_lab.ipynb",  # 166 s, but after the second run of 05 (their lock)
-    "tests/test_browser_widgets.py",  # 99 s
-    "tests/test_examples_finetune.py",  # ~110 s on a busy machine: LoRA and QLoRA runs
-    "tests/test_assets.py",  # 75 s
-    "tests/test_deploy.py",  # 68 s
+    "tests/notebooks/test_browser_widgets.py",  # 99 s
+    "tests/repo/test_examples_finetune.py",  # ~110 s on a busy machine: LoRA and QLoRA runs
+    "tests/unit/test_assets.py",  # 75 s
+    "tests/unit/test_deploy.py",  # 68 s
 )
 
 

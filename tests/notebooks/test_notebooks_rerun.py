@@ -12,7 +12,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # 06-11 clean their runs/ folder the way 05 does (rerun here; 08 writes no files); each
 # trains two to eight models, so running them a second time would push `make test` past its
 # 20-minute budget.

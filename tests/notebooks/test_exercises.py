@@ -14,7 +14,7 @@ import pytest
 
 from course_utils import grading
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MASTERS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
 STUDENT_VERSIONS = sorted((ROOT / "exercises").glob("*/*.ipynb"))
 DIFFICULTY = re.compile(r"^## Exercise \d+ (🐢|🐕|🦁) — .+ \((\d+) points?\)$", re.MULTILINE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "finetune.py"
 RENTALS = ROOT / "course_utils" / "data" / "rentals_train.jsonl"
 SCORES = re.compile(r"^(before|after) +training: held-out loss (\d+\.\d+), token accuracy", re.M)

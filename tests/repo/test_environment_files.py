@@ -13,7 +13,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {  # what the course promises to ship (issue: one pinned environment)
     "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "gguf",
     "jupyterlab", "ipywidgets", "nbval", "nbgrader", "matplotlib", "pytest",

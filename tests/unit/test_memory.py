@@ -231,7 +231,7 @@ def test_measure_model_bytes_counts_params4bit_storage():
 
 
 def test_the_course_swiglu_lowers_the_estimate_by_two_mlp_tensors_per_layer():
-    """memory.MLPS is counted against the MLP itself in tests/test_swiglu.py."""
+    """memory.MLPS is counted against the MLP itself in tests/unit/test_swiglu.py."""
     kw = {"method": "lora", "batch": 8, "seq_len": 128}
     standard = M.estimate("SmolLM2-135M", **kw).activations
     fused = M.estimate("SmolLM2-135M", mlp="swiglu", **kw).activations

@@ -288,7 +288,7 @@ def _lesson_function(name):
     """Run the notebook cell of lesson 03 that defines `name` and return the function."""
     import nbformat
 
-    path = Path(__file__).resolve().parent.parent / "notebooks" / "03_quantization.ipynb"
+    path = Path(__file__).resolve().parents[2] / "notebooks" / "03_quantization.ipynb"
     notebook = nbformat.read(path, as_version=4)
     sources = [
         c.source for c in notebook.cells if c.cell_type == "code" and f"def {name}(" in c.source

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAX_OUTPUT_BYTES = 100_000  # per cell: a notebook is read in a diff, not a data dump
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:work|tmp|root|home|Users|content|mnt)/[\w.-]+")
 NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")

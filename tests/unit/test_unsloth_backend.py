@@ -1,6 +1,6 @@
 """Tests for course_utils.unsloth_backend: Unsloth loads, adds LoRA and says which backend ran.
 
-The training itself goes through the bench's real subprocess (tests/test_bench_training.py, the
+The training itself goes through the bench's real subprocess (tests/tools/test_bench_training.py, the
 ``unsloth-lora`` workload); here: the backend report, loading a tiny Llama from a folder through
 ``FastLanguageModel``, LoRA on it, and bad input.
 """

@@ -22,7 +22,7 @@ import pytest
 
 from course_utils import grading
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LORA = "02_lora_math/02_lora_math_exercises.ipynb"
 QUANT = "03_quantization/03_quantization_exercises.ipynb"
 WHY = "01_why_finetune/01_why_finetune_exercises.ipynb"
