@@ -11,7 +11,7 @@ PORT ?= 8888
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # A Linux laptop without an NVIDIA GPU: `make course TORCH_INDEX=https://download.pytorch.org/whl/cpu`
 # installs PyTorch's CPU-only wheel (a few hundred MB) before the rest, instead of the default
-# build from PyPI, which brings several GB of CUDA libraries (README, Hardware).
+# build from PyPI, which brings several GB of CUDA libraries (docs/setup.md).
 TORCH_INDEX ?=
 TORCH_PIN := $(shell sed -n 's/^torch==//p' requirements.txt)
 # Per-cell time limit for notebooks under test (seconds).
@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # torch's OpenMP threads spin after each parallel region (libgomp's default: ~300,000 turns).
 # On 2 cores shared with anything else (a browser, a second kernel, a busy CI host) the spinning
 # starves the thread it waits for: lessons 02+05 took 465 s instead of 95 s with one core busy,
-# 185 s with a spin count of 10,000, which cost 3 % on an idle machine (98 s; README).
+# 185 s with a spin count of 10,000, which cost 3 % on an idle machine (98 s; docs/setup.md).
 export GOMP_SPINCOUNT ?= 10000
 
 .PHONY: course setup model browser test lint bench timings exercises check-exercises grade clean help
@@ -29,7 +29,7 @@ OUT ?= outputs/grading
 help:
 	@echo "make course   set up (once) and start JupyterLab on notebooks/00_start_here.ipynb"
 	@echo "make test     set up (once) and run the whole test suite (lint, unit, notebooks)"
-	@echo "make lint     ruff check + ruff format --check over course_utils, tests, notebooks"
+	@echo "make lint     ruff check + ruff format --check over course_utils, course_tools, tests, notebooks"
 	@echo "make timings  run every notebook with the full profile and record its wall time"
 	@echo "make bench    speed, MFU and peak memory of full/LoRA/QLoRA, scoring speed, estimator vs measured (bench/results/)"
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
@@ -69,14 +69,14 @@ browser:
 		else echo "Install Debian's chromium (sudo apt-get install chromium) for the browser tests."; exit 1; fi; }
 
 lint: setup
-	$(BIN)/ruff check conftest.py course_utils examples tests notebooks solutions
-	$(BIN)/ruff format --check conftest.py course_utils examples tests notebooks solutions
+	$(BIN)/ruff check conftest.py course_utils course_tools examples tests notebooks solutions
+	$(BIN)/ruff format --check conftest.py course_utils course_tools examples tests notebooks solutions
 
 # The exercise masters in solutions/ are executed by `nbgrader validate` (tests/notebooks/test_exercises.py),
 # which also checks that every graded cell passes, so nbval does not run them a second time.
 # Two pytest workers with one torch thread each (TEST_WORKERS=0 runs in one process with torch's
 # default threads): in one process the suite kept 1.4 of 2 cores busy, waiting on kernels,
-# browsers and subprocesses; two workers took 22 min instead of 33 on the AMD EPYC (README,
+# browsers and subprocesses; two workers took 22 min instead of 33 on the AMD EPYC (docs/tests.md,
 # Tests). A file's tests (a notebook's cells) stay on one worker; conftest.py keeps a lesson's
 # two runs from overlapping.
 TEST_WORKERS ?= 2
@@ -87,30 +87,30 @@ test: model browser lint
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 $(PYTEST_ARGS)
 
 timings: model
-	$(BIN)/python -m course_utils.course_map --measure notebooks/*.ipynb
+	$(BIN)/python -m course_tools.timings notebooks/*.ipynb
 
 # The performance record: speed, MFU and peak memory of full / LoRA / QLoRA (bench/results/),
 # then the memory estimator against a hand-written training step. Not part of `make test`.
 bench: model
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --out bench/results
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_utils.bench train --data chat \
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.bench train --out bench/results
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.bench train --data chat \
 		--out bench/results
-	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench loss --out bench/results
-	HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench eval --out bench/results
-	set -o pipefail; HF_HUB_OFFLINE=1 $(BIN)/python -m course_utils.bench memory \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m course_tools.bench loss --out bench/results
+	HF_HUB_OFFLINE=1 $(BIN)/python -m course_tools.bench eval --out bench/results
+	set -o pipefail; HF_HUB_OFFLINE=1 $(BIN)/python -m course_tools.bench memory \
 		--json bench/results/memory.json | tee bench/results/memory.txt
 
-# Graded exercises (nbgrader, configured in course_utils/grading.py); never edit exercises/ by hand.
+# Graded exercises (nbgrader, configured in course_tools/grading/config.py); never edit exercises/ by hand.
 exercises: setup
-	$(BIN)/python -m course_utils.grading generate
+	$(BIN)/python -m course_tools.grading generate
 
 check-exercises: setup
-	$(BIN)/python -m course_utils.grading validate
+	$(BIN)/python -m course_tools.grading validate
 
 # SUBMISSIONS/<student>/<notebook>.ipynb -> $(OUT)/grades.csv + $(OUT)/feedback/
 grade: setup
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/ [OUT=outputs/grading] [GRADE_ARGS='--jobs 2']"; exit 2; }
-	$(BIN)/python -m course_utils.grading "$(SUBMISSIONS)" --out "$(OUT)" $(GRADE_ARGS)
+	$(BIN)/python -m course_tools.grading "$(SUBMISSIONS)" --out "$(OUT)" $(GRADE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -12,13 +12,13 @@ One module per idea, each read by the lesson that teaches it:
 - ``quant``      absmax, zero-point, blockwise, NF4, double quant, Q4_1 from scratch    (03)
 - ``widgets``    the rank/alpha explorers and the memory calculator                     (02, 03)
 - ``checks``     one-sentence argument checks shared by the modules
-- ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets,
+- ``claims``     a lesson's claims, recorded where measured and checked in its last cell (00-11)
+- ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (read),
                  prompt/completion rows for TRL's SFTTrainer                               (04, 05)
 - ``callbacks``  TrainingMeter: a TrainerCallback that records loss, time, tokens, peak memory (05-11)
 - ``peak_memory`` the peak bytes of live tensors on a CPU or a GPU                         (06, 07)
 - ``evaluate``   task scores (fast batched scoring), Wilson intervals, perplexity and
                  forgetting, logit equality, sizes on disk                               (05-11)
-- ``train``      every method in one call through SFTTrainer: the bench's and tests' path, not the labs'
 - ``fused_loss`` the LM head and cross-entropy a chunk at a time, gradient in one pass      (08)
 - ``swiglu``     the MLP's SiLU(gate)·up keeping two tensors for backward                    (08)
 - ``unsloth_backend``  the course model through Unsloth, and which backend it ran on       (08)
@@ -26,11 +26,11 @@ One module per idea, each read by the lesson that teaches it:
 - ``delta_lora`` Delta-LoRA (not in PEFT) on top of ``lora``                              (09)
 - ``preference`` preference pairs, DPO's implicit reward and margin, TRL's DPOTrainer     (10)
 - ``deploy``     generation speed, GGUF export and reload                                 (11)
-- ``bench``      the memory estimator measured against real training steps (`make bench`)
-- ``bench_training``  speed, MFU and peak memory of every method side by side (`make bench`)
-- ``bench_loss``  the fused loss raced alone against transformers' and TRL's (`make bench`)
-- ``bench_eval``  seconds per 100 held-out listings, the labs' scorer against the plain one (`make bench`)
-- ``grading``    nbgrader exercises and batch grading (`make exercises`, `make grade`)
+
+The tools (benchmarks, grading, the dataset builders, timings) are the package ``course_tools``,
+which imports this one; this one never imports it.
 """
+
+from . import env  # noqa: F401  (first: it quiets bitsandbytes' install advice before PEFT loads it)
 
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
 """The course model, from wherever it can be had: the hub, a local hub cache, or the offline copy.
 
+Every lesson loads the model through it; lesson 00 shows where it comes from.
+
 `load_model()` and `load_tokenizer()` try, in order:
 
 1. the local Hugging Face hub cache (you downloaded the model before);
@@ -14,6 +16,7 @@ Each load prints one line saying which source it used.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -26,6 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from course_utils.env import default_dtype, pick_device
 
@@ -144,8 +154,6 @@ def cache_problem(folder: Path) -> str | None:
 
 def convert_offline_copy(name: str = DEFAULT_MODEL) -> Path:
     """Dequantize the shipped GGUF to fp32 safetensors in the cache and write its manifest."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = spec_for(name)
     folder = offline_folder(spec)
     if folder is None:
@@ -301,8 +309,6 @@ def _check_load_args(device, dtype, quantization) -> tuple[torch.device, torch.d
 
 def nf4_config(compute_dtype: torch.dtype):
     """Return the QLoRA recipe: 4-bit NF4 weights, double quantization, compute in `dtype`."""
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -339,8 +345,6 @@ def has_cpu_inference_layout(model) -> bool:
 
 def load_tokenizer(name: str = DEFAULT_MODEL, *, source: str = "auto"):
     """Return the course model's tokenizer (with its chat template), from the same source."""
-    from transformers import AutoTokenizer
-
     location, _, _ = resolve_source(name, source)
     tokenizer = AutoTokenizer.from_pretrained(location, clean_up_tokenization_spaces=False)
     if tokenizer.pad_token is None:
@@ -362,8 +366,6 @@ def load_model(
     ``quantization="nf4"`` loads the frozen weights in 4-bit NF4 with double quantization through
     bitsandbytes (the QLoRA recipe); the compute dtype is `dtype`.
     """
-    from transformers import AutoModelForCausalLM
-
     device, dtype = _check_load_args(device, dtype, quantization)
     started = time.perf_counter()
     location, kind, description = resolve_source(name, source)
@@ -406,8 +408,6 @@ def tiny_llama(tokenizer=None, *, seed: int = 0, **overrides):
     With `tokenizer` it takes the tokenizer's vocabulary and pad token; `overrides` change any
     config field (``num_hidden_layers=3``, ``attention_bias=True``).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int (got {seed!r}).")
     config = {**TINY_LLAMA, **overrides}
@@ -420,8 +420,6 @@ def tiny_llama(tokenizer=None, *, seed: int = 0, **overrides):
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: `python -m course_utils.assets [--prepare] [NAME]` converts the offline copy."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(MODELS))
     parser.add_argument("--prepare", action="store_true", help="convert and cache the offline copy")

@@ -1,5 +1,7 @@
 """What a training run measured, as a ``TrainerCallback`` you hand to any Hugging Face trainer.
 
+Lessons 05-11 hand it to TRL's trainers.
+
 The labs build TRL's ``SFTTrainer`` and ``DPOTrainer`` themselves; the course adds one thing to
 them, through the trainer's own ``callbacks=[...]`` argument:
 
@@ -24,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 from transformers import TrainerCallback
 
 from .memory import measure_model_bytes
@@ -218,9 +222,6 @@ def _in_notebook() -> bool:
 
 def _draw_live(result: TrainResult, max_steps: int, handle):
     """Redraw the loss curve in place in the notebook output; return the display handle."""
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
     figure = plot_losses({result.label: result.losses}, max_steps=max_steps)
     if handle is None:
         handle = display(figure, display_id=True)
@@ -232,8 +233,6 @@ def _draw_live(result: TrainResult, max_steps: int, handle):
 
 def plot_losses(runs: dict[str, Sequence[float]], max_steps: int | None = None, ax=None):
     """Plot the training loss of one or more runs ({label: losses per step}); return the figure."""
-    import matplotlib.pyplot as plt
-
     if not isinstance(runs, dict) or not runs:
         raise ValueError(
             "runs must be a dict {label: [loss per step]}, e.g. {'lora': meter.result.losses}."

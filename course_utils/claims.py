@@ -1,5 +1,7 @@
 """Every lesson: what its text claims, checked where it is measured, reported in one cell at the end.
 
+Lessons 00-11 end with its report.
+
 A lesson says "LoRA's loss went down" or "our NF4 codes equal bitsandbytes' bit for bit" next to
 the number that shows it; `claims.add(...)` records that sentence with the measured truth, and the
 lesson's last cell, `claims.report()`, lists them and fails (under `make test` too) if one does
@@ -48,7 +50,9 @@ class Claims:
             print(("✓ " if ok else "✗ ") + _line(claim, measured))
         failed = self.failed
         if failed:
-            raise ClaimFailed(f"{len(failed)} of {len(self.items)} claims did not hold: " + "; ".join(failed))
+            raise ClaimFailed(
+                f"{len(failed)} of {len(self.items)} claims did not hold: " + "; ".join(failed)
+            )
         print(f"All {len(self.items)} claims of this lesson hold on this run.")
 
 

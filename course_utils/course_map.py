@@ -1,5 +1,7 @@
 """The course map: every lesson, what it teaches, and how long it took on real machines.
 
+Lesson 00 prints it.
+
 Times are never typed in: `python -m course_utils.course_map --measure notebooks/*.ipynb` (or
 `make timings`) runs each notebook top to bottom with the learner's profile and records its wall
 time, the machine and the date in ``course_utils/data/timings.json``. A lesson nobody has timed on
@@ -8,11 +10,7 @@ a kind of machine says so instead of guessing.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,73 +98,5 @@ def course_map_markdown(notebooks_dir: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def machine_kind() -> tuple[str, str]:
-    """Return ('cpu' or 'gpu', a short description of this machine)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "gpu", torch.cuda.get_device_name(0)
-    return "cpu", f"{platform.machine()} CPU, {os.cpu_count()} cores"
-
-
-def measure_notebook(path: Path, timeout: int = 3600, save_to: Path | None = None) -> float:
-    """Run a notebook top to bottom (learner profile) in its own folder and return its seconds.
-
-    With `save_to` (a folder) the executed notebook, outputs and all, is written there too.
-    """
-    import nbformat
-    from nbclient import NotebookClient
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No notebook at {path}; pass a path like notebooks/00_start_here.ipynb."
-        )
-    notebook = nbformat.read(path, as_version=4)
-    os.environ["COURSE_PROFILE"] = "full"
-    client = NotebookClient(
-        notebook,
-        timeout=timeout,
-        kernel_name="python3",
-        resources={"metadata": {"path": path.parent}},
-    )
-    started = time.perf_counter()
-    client.execute()
-    seconds = time.perf_counter() - started
-    if save_to is not None:
-        Path(save_to).mkdir(parents=True, exist_ok=True)
-        nbformat.write(notebook, Path(save_to) / path.name)
-    return seconds
-
-
-def record_timing(stem: str, seconds: float, path: Path = TIMINGS_FILE) -> dict:
-    """Store one measured time for this kind of machine in the timings file and return it."""
-    kind, machine = machine_kind()
-    timings = load_timings(path)
-    record = {"seconds": round(seconds, 1), "machine": machine, "date": str(_dt.date.today())}
-    timings.setdefault(stem, {})[kind] = record
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(timings, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    return record
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: print the course map, or --measure the given notebooks and record times."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("notebooks", nargs="*", type=Path)
-    parser.add_argument("--measure", action="store_true", help="run the notebooks and time them")
-    parser.add_argument("--save", type=Path, default=None, help="keep the executed notebooks here")
-    args = parser.parse_args(argv)
-    if args.measure:
-        for notebook in args.notebooks:
-            seconds = measure_notebook(notebook, save_to=args.save)
-            record = record_timing(notebook.stem, seconds)
-            print(f"{notebook.name}: {seconds:.0f} s on {record['machine']}")
-    print(course_map_markdown())
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    print(course_map_markdown())

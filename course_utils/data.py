@@ -24,18 +24,18 @@ Regenerate the shipped files with ``python -m course_utils.data --write`` (``--c
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import random
 import re
-import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 import torch
+from datasets import Dataset
+
+from course_utils.generation import generate_batch
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ROLES = ("system", "user", "assistant")
@@ -170,8 +170,6 @@ def to_prompt_completion(example: Example) -> dict[str, list[Message]]:
 
 def prompt_completion_dataset(examples: Sequence[Example]):
     """Return chat examples as a ``datasets.Dataset`` of prompt/completion rows for SFTTrainer."""
-    from datasets import Dataset
-
     if isinstance(examples, dict | str) or not isinstance(examples, Sequence) or not examples:
         raise ValueError(
             "examples must be a non-empty list of chat examples, e.g. "
@@ -223,9 +221,8 @@ def template_supports_assistant_mask(tokenizer) -> bool:
     return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
-def assistant_spans(tokenizer, messages: Sequence[Message] | Example) -> list[tuple[int, int]]:
-    """Return the (start, end) character spans of each assistant answer + its closing token."""
-    messages = _messages_of(messages)
+def answer_spans(tokenizer, messages: list[dict]) -> list[tuple[int, int]]:
+    """The (start, end) characters of each assistant answer and its <|im_end|> in the chat text."""
     full = apply_template(tokenizer, messages)
     spans = []
     for index, message in enumerate(messages):
@@ -238,26 +235,15 @@ def assistant_spans(tokenizer, messages: Sequence[Message] | Example) -> list[tu
                 "This chat template rewrites earlier turns when a turn is added, so prompt and "
                 "answer cannot be told apart by prefixes; use a template such as ChatML."
             )
-        # The turn's text is the answer, its end-of-turn token and a newline: keep all but the
-        # trailing whitespace, which belongs to the layout between turns.
-        end = len(through.rstrip())
-        spans.append((len(before), end))
+        # The turn ends with the answer, <|im_end|> and a newline; the newline is layout.
+        spans.append((len(before), len(through.rstrip())))
     return spans
 
 
-def tokenize_with_assistant_mask(
-    tokenizer, messages: Sequence[Message] | Example, max_length: int | None = None
-) -> dict[str, list[int]]:
-    """Tokenize a conversation; labels copy the assistant tokens (incl. <|im_end|>), -100 elsewhere."""
-    if max_length is not None and (
-        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2
-    ):
-        raise ValueError(f"max_length must be an integer >= 2 or None (got {max_length!r}).")
-    messages = _messages_of(messages)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("The conversation has no assistant turn; add the answer to learn.")
+def assistant_only_labels(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    """Token ids of the conversation; labels copy the answers' tokens and are -100 elsewhere."""
     text = apply_template(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages)
+    spans = answer_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -266,14 +252,38 @@ def tokenize_with_assistant_mask(
         # can merge with the newline before it) counts as the answer's, as in transformers.
         if any(start < e and end > s for s, e in spans):
             labels[position] = input_ids[position]
-    if max_length is not None and len(input_ids) > max_length:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def assistant_spans(tokenizer, messages: Sequence[Message] | Example) -> list[tuple[int, int]]:
+    """Return the (start, end) character spans of each assistant answer + its closing token."""
+    return answer_spans(tokenizer, _messages_of(messages))
+
+
+def tokenize_with_assistant_mask(
+    tokenizer, messages: Sequence[Message] | Example, max_length: int | None = None
+) -> dict[str, list[int]]:
+    """Tokenize a conversation; labels copy the assistant tokens (incl. <|im_end|>), -100 elsewhere.
+
+    The checked form of `assistant_only_labels` (lesson 04 writes it, and `answer_spans`, in its
+    own cells), with an optional truncation to `max_length` tokens.
+    """
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2
+    ):
+        raise ValueError(f"max_length must be an integer >= 2 or None (got {max_length!r}).")
+    messages = _messages_of(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("The conversation has no assistant turn; add the answer to learn.")
+    feature = assistant_only_labels(tokenizer, messages)
+    if max_length is not None and len(feature["input_ids"]) > max_length:
+        feature = {key: values[:max_length] for key, values in feature.items()}
+        if all(label == IGNORE_INDEX for label in feature["labels"]):
             raise ValueError(
                 f"After truncation to max_length={max_length} no assistant token is left; "
                 "raise max_length or shorten the prompt."
             )
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return feature
 
 
 def hf_assistant_mask(tokenizer, messages: Sequence[Message] | Example) -> list[int]:
@@ -423,7 +433,6 @@ def python_reference_topics(split: str = "train") -> dict[str, str]:
     """Return {topic: text} of the Python reference in pydoc_data.topics for one split."""
     if split not in ("train", "validation", "all"):
         raise ValueError(f"split must be 'train', 'validation' or 'all' (got {split!r}).")
-    from pydoc_data.topics import topics
 
     return {
         name: topics[name]
@@ -437,6 +446,24 @@ def load_python_reference(split: str = "train") -> list[str]:
     return list(python_reference_topics(split).values())
 
 
+def cut_into_blocks(
+    token_ids_list: list[list[int]], block_size: int, separator_id: int | None = None
+) -> dict[str, list[list[int]]]:
+    """One stream of all the token lists (a separator after each), cut into full blocks."""
+    stream = []
+    for ids in token_ids_list:
+        stream.extend(ids)
+        if separator_id is not None:
+            stream.append(separator_id)
+    n_blocks = len(stream) // block_size  # the last, partial block is dropped
+    blocks = [stream[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
+    return {
+        "input_ids": blocks,
+        "attention_mask": [[1] * block_size for _ in blocks],
+        "labels": [list(block) for block in blocks],  # the model shifts them inside its loss
+    }
+
+
 def group_texts(
     token_ids_list: Sequence[Sequence[int]], block_size: int, separator_id: int | None = None
 ) -> dict[str, list[list[int]]]:
@@ -444,31 +471,22 @@ def group_texts(
 
     labels are a copy of input_ids: the model shifts them by one inside its loss (position t is
     scored on predicting token t+1), so the data does not shift anything. The last partial block
-    is dropped.
+    is dropped. The checked form of `cut_into_blocks` (lesson 04 writes it in its own cell).
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2 (got {block_size!r}).")
     if isinstance(token_ids_list, str) or not isinstance(token_ids_list, Sequence):
         raise TypeError("token_ids_list must be a list of token id lists, e.g. tokenizer(texts).")
-    stream: list[int] = []
     for ids in token_ids_list:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError("each item of token_ids_list must be a list of token ids, not text.")
-        stream.extend(ids)
-        if separator_id is not None:
-            stream.append(separator_id)
-    if len(stream) < block_size:
+    n_tokens = sum(len(ids) + (separator_id is not None) for ids in token_ids_list)
+    if n_tokens < block_size:
         raise ValueError(
-            f"The text has {len(stream)} tokens, shorter than one block of {block_size}; "
+            f"The text has {n_tokens} tokens, shorter than one block of {block_size}; "
             "use a smaller block_size or more text."
         )
-    n_blocks = len(stream) // block_size
-    blocks = [stream[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
-    return {
-        "input_ids": blocks,
-        "attention_mask": [[1] * block_size for _ in blocks],
-        "labels": [list(block) for block in blocks],
-    }
+    return cut_into_blocks(token_ids_list, block_size, separator_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +549,6 @@ INSTRUCTION_SYSTEM = (
     '"type" (flat, house, bungalow, maisonette or studio), "city", "rent_gbp" (integer) and '
     '"rent_period" (month or week).'
 )
-INSTRUCTION_SIZES = {"train": 400, "validation": 50, "test": 100}
 
 
 def _bedroom_phrase(rng: random.Random, n: int) -> str:
@@ -632,25 +649,6 @@ def instruction_example(sentence: str, record: dict[str, Any]) -> Example:
             {"role": "assistant", "content": json.dumps(record)},
         ]
     }
-
-
-def build_instruction_task(seed: int = SEED) -> dict[str, list[Example]]:
-    """Generate the rentals task: unique listings, split 400/50/100 (train/validation/test)."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    examples = []
-    total = sum(INSTRUCTION_SIZES.values())
-    while len(examples) < total:
-        sentence, record = make_listing(rng)
-        if sentence.lower() in seen:
-            continue
-        seen.add(sentence.lower())
-        examples.append(instruction_example(sentence, record))
-    splits, start = {}, 0
-    for split, size in INSTRUCTION_SIZES.items():
-        splits[split] = examples[start : start + size]
-        start += size
-    return splits
 
 
 def _check_split(split: str) -> None:
@@ -757,69 +755,10 @@ LIBRARY_SECTIONS = {
                            "ipaddress"),
 }  # fmt: skip
 CLASSIFICATION_LABELS = tuple(LIBRARY_SECTIONS)
-CLASSIFICATION_PER_LABEL = {"train": 42, "validation": 6, "test": 12}
 CLASSIFICATION_SYSTEM = (
     "Which section of the Python standard library documentation does this docstring come "
     "from? Answer with one of: " + ", ".join(CLASSIFICATION_LABELS) + "."
 )
-_SIGNATURE_ONLY = re.compile(r"^[\w.]+\(.*\)( -> .*)?$")
-
-
-def _first_paragraph(doc: str) -> str:
-    """Return the first paragraph of a docstring on one line."""
-    paragraph = re.split(r"\n\s*\n", inspect.cleandoc(doc).strip())[0]
-    return " ".join(paragraph.split())
-
-
-def _module_objects(module_name: str) -> list[tuple[str, object]]:
-    """Return (qualified name, object) of a module's public functions, classes and methods."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(module_name)
-    found: list[tuple[str, object]] = []
-    leaf = module_name.split(".")[-1]
-    for name in sorted(dir(module)):
-        if name.startswith("_"):
-            continue
-        obj = getattr(module, name, None)
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        home = getattr(obj, "__module__", None) or ""
-        if not (
-            home == module_name or home.lstrip("_") == leaf or home.startswith(module_name + ".")
-        ):
-            continue  # imported from elsewhere: it belongs to another module's section
-        found.append((f"{module_name}.{name}", obj))
-        if inspect.isclass(obj):
-            for attr, value in sorted(vars(obj).items()):
-                if attr.startswith("_"):
-                    continue
-                value = getattr(value, "__func__", value)
-                if inspect.isroutine(value) or isinstance(value, property):
-                    found.append((f"{module_name}.{name}.{attr}", value))
-    return found
-
-
-def stdlib_docstrings() -> dict[str, list[tuple[str, str]]]:
-    """Return {label: sorted [(text, source)]} of usable first paragraphs of stdlib docstrings."""
-    by_text: dict[str, set[str]] = {}
-    source_of: dict[str, str] = {}
-    for label, modules in LIBRARY_SECTIONS.items():
-        for module_name in modules:
-            for source, obj in _module_objects(module_name):
-                doc = getattr(obj, "__doc__", None)
-                if not isinstance(doc, str) or not doc.strip():
-                    continue
-                text = _first_paragraph(doc)
-                if not 40 <= len(text) <= 400 or _SIGNATURE_ONLY.match(text):
-                    continue
-                by_text.setdefault(text, set()).add(label)
-                source_of.setdefault(text, source)
-    result: dict[str, list[tuple[str, str]]] = {label: [] for label in LIBRARY_SECTIONS}
-    for text, labels in sorted(by_text.items()):
-        if len(labels) == 1:  # a text found under two sections cannot be labelled honestly
-            result[labels.pop()].append((text, source_of[text]))
-    return result
 
 
 def classification_example(text: str, label: str, source: str | None = None) -> Example:
@@ -836,28 +775,6 @@ def classification_example(text: str, label: str, source: str | None = None) -> 
     if source is not None:
         example["source"] = source
     return example
-
-
-def build_classification_task(seed: int = SEED) -> dict[str, list[Example]]:
-    """Sample a balanced docstring -> section task (per label 42/6/12) from this Python's stdlib."""
-    rng = random.Random(seed)
-    splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
-    needed = sum(CLASSIFICATION_PER_LABEL.values())
-    for label, items in stdlib_docstrings().items():
-        if len(items) < needed:
-            raise ValueError(
-                f"Only {len(items)} docstrings for {label!r} in this Python; {needed} are needed."
-            )
-        chosen = rng.sample(items, needed)
-        start = 0
-        for split, size in CLASSIFICATION_PER_LABEL.items():
-            splits[split] += [
-                classification_example(t, label, s) for t, s in chosen[start : start + size]
-            ]
-            start += size
-    for examples in splits.values():
-        rng.shuffle(examples)
-    return splits
 
 
 def load_classification_task(split: str = "train") -> list[Example]:
@@ -894,8 +811,6 @@ def evaluate_instruction(
     longer answer cannot be the same JSON); a row stops as soon as its score is decided
     (`json_answer_decided`), which gives the same scores as generating to the budget.
     """
-    from course_utils.generation import generate_batch
-
     if not examples:
         raise ValueError("examples is empty; pass e.g. load_instruction_task('test').")
     prompts = [prompt_messages(e) for e in examples]
@@ -926,8 +841,6 @@ def evaluate_classification(
     model, tokenizer, examples: Sequence[Example], *, batch_size: int = 64, max_new_tokens: int = 12
 ) -> dict[str, Any]:
     """Generate answers for classification examples and return the accuracy of the labels read."""
-    from course_utils.generation import generate_batch
-
     if not examples:
         raise ValueError("examples is empty; pass e.g. load_classification_task('test').")
     prompts = [prompt_messages(e) for e in examples]
@@ -944,64 +857,3 @@ def evaluate_classification(
         "references": references,
         "correct": correct,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# 9. Writing and checking the shipped files.
-# ---------------------------------------------------------------------------------------------
-
-
-def _file_digest(path: Path) -> str:
-    """Return the SHA-256 of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_datasets(folder: str | Path = DATA_DIR, seed: int = SEED) -> dict[str, Any]:
-    """Regenerate the rentals, stdlib_docs and rentals_preference JSONL files and their manifest."""
-    from .preference import write_preference_files  # lesson 10's pairs, made from the rentals
-
-    folder = Path(folder)
-    files = {}
-    rentals = build_instruction_task(seed)
-    for stem, splits in (("rentals", rentals), ("stdlib_docs", build_classification_task(seed))):
-        for split, examples in splits.items():
-            path = write_jsonl(folder / f"{stem}_{split}.jsonl", examples)
-            files[path.name] = {"examples": len(examples), "sha256": _file_digest(path)}
-    for name, path in write_preference_files(folder, seed, rentals).items():
-        lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-        files[name] = {"examples": lines, "sha256": _file_digest(path)}
-    manifest = {
-        "seed": seed,
-        "stdlib_docs_python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "files": files,
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m course_utils.data --write | --check`` for the shipped datasets."""
-    import argparse
-    import tempfile
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--write", action="store_true", help="regenerate course_utils/data/*.jsonl")
-    parser.add_argument("--check", action="store_true", help="regenerate in a temp dir and compare")
-    args = parser.parse_args(argv)
-    if args.write:
-        manifest = write_datasets(DATA_DIR)
-        for name, info in manifest["files"].items():
-            print(f"{name:32s} {info['examples']:4d} examples")
-        return 0
-    with tempfile.TemporaryDirectory() as scratch:
-        fresh = write_datasets(scratch)["files"]
-    shipped = json.loads((DATA_DIR / MANIFEST).read_text())["files"]
-    differ = [
-        name for name in fresh if fresh[name]["sha256"] != shipped.get(name, {}).get("sha256")
-    ]
-    print("identical" if not differ else f"differ: {', '.join(differ)}")
-    return 1 if differ else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,5 +1,7 @@
 """Delta-LoRA: LoRA that also moves the frozen weight W by the change of the product B A.
 
+Lesson 09.
+
 Delta-LoRA (Zi et al., 2023, https://arxiv.org/abs/2309.02411) is not in PEFT, so the course
 builds it on its own `course_utils.lora.LoRALinear`. The layer is plain LoRA,
 
@@ -42,6 +44,7 @@ from numbers import Integral, Real
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from . import lora
 
@@ -174,8 +177,6 @@ class DeltaLoRAUpdater:
 
     def callback(self):
         """A transformers TrainerCallback that runs this updater around every optimizer step."""
-        from transformers import TrainerCallback
-
         updater = self
 
         class DeltaLoRACallback(TrainerCallback):

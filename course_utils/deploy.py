@@ -1,5 +1,7 @@
 """Deploying a fine-tuned model: serve it, time it, and export it to a GGUF file.
 
+Lesson 11.
+
 Lab 11 reads this module:
 
 - `generate` answers one prompt greedily and says how many tokens it wrote and how fast: the
@@ -23,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import env
 from .assets import align_special_tokens
@@ -214,8 +218,6 @@ def _check_export(model, tokenizer, path, dtype: str) -> Path:
 
 def _write_config(writer, config, name: str, dtype: str) -> None:
     """Write the general.* and llama.* keys transformers and llama.cpp read."""
-    import gguf
-
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_type("model")
     writer.add_name(name)
@@ -236,8 +238,6 @@ def _write_config(writer, config, name: str, dtype: str) -> None:
 
 def _write_tokenizer(writer, tokenizer, pre_tokenizer: str) -> None:
     """Write the byte-level BPE tokenizer: tokens, types, merges, special ids, chat template."""
-    import gguf
-
     vocab = tokenizer.get_vocab()
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
@@ -272,8 +272,6 @@ def _write_tokenizer(writer, tokenizer, pre_tokenizer: str) -> None:
 
 def _gguf_tensors(model, dtype: str):
     """Yield (gguf name, numpy array) for every weight, q/k permuted, 2-D weights in `dtype`."""
-    import gguf
-
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -310,8 +308,6 @@ def export_gguf(
     `pre_tokenizer` is llama.cpp's name for the text splitting rule ("smollm" for the course
     tokenizer); transformers ignores it.
     """
-    import gguf
-
     path = _check_export(model, tokenizer, path, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     name = name or str(getattr(model.config, "_name_or_path", "") or "model").split("/")[-1]
@@ -339,8 +335,6 @@ def load_gguf(
     dtype: torch.dtype | None = None,
 ):
     """Load a GGUF file with plain transformers; return (model, tokenizer) on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; write it first with export_gguf().")
@@ -357,8 +351,6 @@ def load_gguf(
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Return a GGUF file's scalar keys, array lengths, tensor count and tensor types."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the path of a .gguf file.")

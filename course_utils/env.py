@@ -1,17 +1,21 @@
 """Where the course runs: device, dtype, profile, seeds and a report of the machine.
 
+Lesson 00, and every lesson after it.
+
 Every lesson picks its device and dtype here, so the same notebook runs on a laptop CPU (fp32:
 bf16 matmuls are ~27x slower there) and on a Colab GPU (bf16, or fp16 on a T4 that lacks bf16).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import logging
 import os
 import platform
 import random
 import sys
+import sysconfig
 from pathlib import Path
 from typing import TypeVar
 
@@ -193,8 +197,6 @@ def install_openmp_setting(site_packages: str | os.PathLike | None = None) -> Pa
     ``jupyter lab``, VS Code, a script) gets the setting before torch loads libgomp; a value the
     learner set keeps winning.
     """
-    import sysconfig
-
     folder = Path(site_packages if site_packages is not None else sysconfig.get_paths()["purelib"])
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the environment's site-packages.")
@@ -219,8 +221,6 @@ def print_report() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m course_utils.env --install-openmp-setting``: the setting for every start-up."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m course_utils.env", description=main.__doc__)
     parser.add_argument("--install-openmp-setting", action="store_true", required=True)
     parser.parse_args(argv)

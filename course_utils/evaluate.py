@@ -1,5 +1,7 @@
 """Measuring a fine-tuned model: task scores, perplexity, forgetting, equality checks, sizes.
 
+Lessons 05-11.
+
 Labs 05-07 read this module:
 
 - `score_instruction` runs the rentals task (strict JSON exact match, and each field's accuracy);

@@ -14,9 +14,11 @@ Two matrix products per chunk (three when W trains), as in the standard loss, an
 chunk's logits alive. TRL's ``chunked_nll`` holds the same chunk but recomputes it (and its
 softmax) in the backward pass; Liger's and Unsloth's fused losses do what this module does, in
 GPU kernels. `linear_cross_entropy` is tested against ``torch.nn.functional.cross_entropy``
-(loss and gradients) and `patch_lm_head` against the model's own loss.
+(loss and gradients) and `patch_lm_head` against the model's own loss. `chunked_cross_entropy`
+is the idea without the fused gradient, the function lesson 08 writes, kept here as the plain
+reference (lesson 08 and tests/notebooks/test_from_scratch.py check that the two losses agree).
 
-`course_utils.train` uses it for every method (``loss_type="fused"``, the default).
+`course_tools.train` uses it for every method (``loss_type="fused"``, the default).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .data import IGNORE_INDEX  # -100: the label torch's cross-entropy and every HF model skip
@@ -33,6 +36,7 @@ from .data import IGNORE_INDEX  # -100: the label torch's cross-entropy and ever
 __all__ = [
     "CHUNK_TOKENS",
     "LossParts",
+    "chunked_cross_entropy",
     "linear_cross_entropy",
     "patch_lm_head",
     "unpatch_lm_head",
@@ -43,6 +47,28 @@ __all__ = [
 CHUNK_TOKENS = 256
 #: Rows of a chunk whose probabilities exist beside its logits: 32 x 49,152 x 4 bytes = 6 MB.
 ROW_BLOCK = 32
+
+
+# The idea, as lesson 08 writes it in its own cell: the same sum as `linear_cross_entropy`, whose
+# autograd keeps every chunk's logits for the backward pass; the fused function below forms each
+# chunk's gradient in the forward pass instead, so no chunk outlives its loop iteration.
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> torch.Tensor:
+    """The summed loss -log softmax(hidden @ weight.T)[label] over the rows, a chunk at a time.
+
+    hidden is (rows, hidden_size) and labels the (rows,) next tokens, -100 where nothing is
+    graded: only chunk_tokens x vocab logits exist at once, never rows x vocab.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = (hidden[start : start + chunk_tokens] @ weight.T).float()  # one chunk's logits
+        y = labels[start : start + chunk_tokens]
+        total = total + F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total
 
 
 @dataclass

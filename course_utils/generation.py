@@ -1,5 +1,7 @@
 """Chat-style generation with the course model: one question, or a batch with left padding.
 
+Lesson 00, and the scoring of lessons 05-11.
+
 A decoder generates to the right of its prompt, so a batch of prompts of different lengths is
 padded on the *left*: every prompt then ends at the same position and the new tokens line up.
 Four things make a CPU evaluation fast (`make bench` measures them, `bench eval`):
@@ -28,6 +30,8 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from transformers import AttentionInterface, DynamicCache, StoppingCriteriaList
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 Message = dict[str, str]
 #: A shared prefix shorter than this is not worth a separate forward pass.
@@ -58,9 +62,6 @@ def sdpa_gqa_attention(
 @contextlib.contextmanager
 def _gqa_attention(model) -> Iterator[None]:
     """On a CPU, run `model` with `sdpa_gqa_attention` inside the block (if it uses SDPA)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     own = getattr(config, "_attn_implementation", None)
@@ -139,8 +140,6 @@ def _check_batch_args(prompts, max_new_tokens, batch_size, stop_when) -> None:
 @torch.no_grad()
 def _prefix_cache(model, prefix: list[int], device):
     """Return the key/value cache of one copy of the shared prefix."""
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
     return cache
@@ -206,8 +205,6 @@ def generate_batch(
 
 def _generate_chunks(model, tokenizer, rows, prefix_length, batch_size, max_new_tokens, stop_when):
     """Generate the answers of `rows` (token ids), `batch_size` at a time, after the shared prefix."""
-    from transformers import StoppingCriteriaList
-
     device = next(model.parameters()).device
     answers: list[str] = []
     cache = _prefix_cache(model, rows[0][:prefix_length], device) if prefix_length else None

@@ -1,5 +1,7 @@
 """LoRA from scratch: the low-rank adapter in about a hundred readable lines.
 
+Lesson 02.
+
 Full fine-tuning updates a weight matrix W (shape d_out x d_in) directly. LoRA
 (Hu et al., 2021, https://arxiv.org/abs/2106.09685) freezes W and learns the update
 as the product of two thin matrices instead:
@@ -37,10 +39,13 @@ import math
 from numbers import Integral, Real
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 __all__ = [
     "LoRALinear",
+    "add_lora",
+    "check_lora_layer",
     "copy_lora_weights_to_peft",
     "count_trainable_parameters",
     "first_step_update_norm",
@@ -129,6 +134,30 @@ def _check_target_modules(target_modules: object) -> list[str]:
 # The layer.
 
 
+def check_lora_layer(
+    base: object, r: object, alpha: object, dropout: object = 0.0, use_rslora: object = False
+) -> None:
+    """Raise, saying what to pass, unless LoRALinear(base, r, alpha, dropout, use_rslora) fits."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(
+            f"base must be a torch.nn.Linear (got {type(base).__name__}); "
+            "wrap a linear layer, e.g. LoRALinear(model.q_proj, r=8, alpha=16)."
+        )
+    if not base.weight.is_floating_point():
+        raise TypeError(
+            f"base.weight has dtype {base.weight.dtype}, but LoRALinear needs a floating-point "
+            "weight; use PEFT for quantized (QLoRA) layers."
+        )
+    _check_rank(r)
+    _check_alpha(alpha)
+    _check_dropout(dropout)
+    _check_bool(use_rslora, "use_rslora")
+
+
+# The layer: lesson 02 writes this class in its own cell (tests/notebooks/test_from_scratch.py
+# checks that the two are the same code).
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (alpha / r) * B A."""
 
@@ -141,42 +170,27 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"base must be a torch.nn.Linear (got {type(base).__name__}); "
-                "wrap a linear layer, e.g. LoRALinear(model.q_proj, r=8, alpha=16)."
-            )
-        if not base.weight.is_floating_point():
-            raise TypeError(
-                f"base.weight has dtype {base.weight.dtype}, but LoRALinear needs a floating-point "
-                "weight; use PEFT for quantized (QLoRA) layers."
-            )
-        self.r = _check_rank(r)
-        self.alpha = _check_alpha(alpha)
-        self.use_rslora = _check_bool(use_rslora, "use_rslora")
-        p = _check_dropout(dropout)
-
-        # The pretrained layer: kept as is, but frozen.
-        self.base = base
+        check_lora_layer(base, r, alpha, dropout, use_rslora)  # a bad value fails here, in words
+        self.r, self.alpha, self.use_rslora = int(r), float(alpha), use_rslora
+        self.base = base  # the pretrained layer, kept as it is but frozen
         for param in self.base.parameters():
             param.requires_grad_(False)
-
         # The adapter, on the same device and with the same dtype as W.
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, **factory))
-        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()
 
     @property
     def in_features(self) -> int:
-        """Input size of the wrapped layer."""
+        """Input size of the wrapped layer (k)."""
         return self.base.in_features
 
     @property
     def out_features(self) -> int:
-        """Output size of the wrapped layer."""
+        """Output size of the wrapped layer (d)."""
         return self.base.out_features
 
     @property
@@ -190,32 +204,30 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update to W that the adapter stands for: (B @ A) * scaling, shape d_out x d_in."""
+        """The update to W that the adapter stands for: (B @ A) * scaling, shape d x k."""
         return (self.lora_B @ self.lora_A) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into W (W <- W + delta) so forward costs one matmul."""
-        if self.merged:
-            raise RuntimeError(
-                "this LoRALinear is already merged; call unmerge() before merging again."
-            )
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of W (W <- W - delta); needs A and B unchanged since merge."""
-        if not self.merged:
-            raise RuntimeError("this LoRALinear is not merged; call merge() first.")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = W x + b + scaling * B A dropout(x); just W x + b once merged."""
         if self.merged:
             return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into W (W <- W + delta), so forward costs one matmul."""
+        if self.merged:
+            raise RuntimeError("this LoRALinear is already merged; call unmerge() first.")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of W (W <- W - delta); needs A and B unchanged since."""
+        if not self.merged:
+            raise RuntimeError("this LoRALinear is not merged; call merge() first.")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
 
     def extra_repr(self) -> str:
         """Shown by print(model), next to the wrapped layer."""
@@ -235,8 +247,16 @@ def _matches(name: str, target_modules: list[str]) -> bool:
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """All (name, LoRALinear) pairs in the model, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """All (name, LoRALinear) pairs in the model, in module order.
+
+    A LoRALinear is recognised by its own lora_A parameter (PEFT's layers hold a dict of them),
+    so the class lesson 02 writes in its cell, the same code as this module's, counts too.
+    """
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "lora_A", None), nn.Parameter)
+    ]
 
 
 def inject_lora(
@@ -247,7 +267,11 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
 ) -> list[str]:
-    """Wrap each targeted nn.Linear in a LoRALinear, freeze everything else, return the names."""
+    """Wrap each targeted nn.Linear in a LoRALinear, freeze everything else, return the names.
+
+    The arguments checked, the layers whose names end with a target are handed to `add_lora`
+    (lesson 02 writes it, and `LoRALinear`, in its own cells).
+    """
     _check_model(model)
     targets = _check_target_modules(target_modules)
     # Check the hyperparameters once here, so a bad value fails before the model is touched.
@@ -268,17 +292,26 @@ def inject_lora(
             f"end with {suffixes[:20]}, so pick target_modules from those."
         )
 
-    # 1. Freeze the whole model; the new A and B below are the only trainable tensors.
-    for param in model.parameters():
-        param.requires_grad_(False)
+    add_lora(model, chosen, r, alpha, dropout, use_rslora)
+    return chosen
 
-    # 2. Swap each chosen Linear for a LoRALinear that wraps it.
-    for name in chosen:
+
+def add_lora(
+    model: nn.Module,
+    names: list[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> None:
+    """Freeze the model, then swap each named nn.Linear for a LoRALinear that wraps it."""
+    for param in model.parameters():
+        param.requires_grad_(False)  # the new A and B are the only trainable tensors
+    for name in names:  # e.g. "model.layers.0.self_attn.q_proj"
         parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
         setattr(parent, child_name, LoRALinear(base, r, alpha, dropout, use_rslora))
-    return chosen
 
 
 def lora_parameter_count(d_out: int, d_in: int, r: int) -> int:
@@ -382,8 +415,6 @@ def copy_lora_weights_to_peft(
     model: nn.Module, peft_model: nn.Module, adapter_name: str = "default"
 ) -> list[str]:
     """Copy A and B of every LoRALinear into the same-named PEFT LoRA layer; return the names."""
-    from peft.tuners.lora import LoraLayer
-
     ours = _lora_layers(_check_model(model))
     if not ours:
         raise ValueError(

@@ -1,5 +1,7 @@
 """How much GPU memory does fine-tuning need? A back-of-the-envelope estimator.
 
+Lessons 01, 03 and 07.
+
 Training memory has four parts:
 
 * **weights** - every parameter, trainable or frozen, in its storage format;
@@ -30,6 +32,7 @@ from itertools import chain
 
 import torch
 
+from .checks import one_of, positive_int
 from .quant import double_quant_bits_per_param
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "LLAMA_LINEAR_LAYERS",
     "DEFAULT_LOSS",
     "LOSSES",
+    "METHODS",
     "MLPS",
     "OPTIMIZER_BYTES_PER_PARAM",
     "PRESETS",
@@ -56,6 +60,8 @@ __all__ = [
     "weight_bytes",
 ]
 
+#: The three ways to fine-tune that the course compares, in its order (lessons 01, 05-07).
+METHODS = ("full", "lora", "qlora")
 #: Bytes in one GB as used throughout this module (a GiB).
 GB = 1024**3
 
@@ -318,7 +324,7 @@ class MemoryEstimate:
         """The peak: weights and optimizer states plus the larger of activations and gradients.
 
         The backward pass frees the saved activations layer by layer while it writes the
-        gradients, so the two never peak together (measured: python -m course_utils.bench memory).
+        gradients, so the two never peak together (measured: python -m course_tools.bench memory).
         """
         extra = max(self.activations, self.gradients + self.temporaries)
         return self.weights + self.optimizer + extra
@@ -346,26 +352,10 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _check_choice(value: object, name: str, choices: object) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise a helpful error."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}.")
-    return value
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` if it is a positive int, else raise a helpful error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}.")
-    return value
-
-
 def loss_chunk_tokens(loss: str, vocab_size: int) -> int | None:
     """Tokens whose logits `loss` (a key of LOSSES) holds at once; None: every token's."""
-    rule = LOSSES[_check_choice(loss, "loss", LOSSES)]
-    vocab_size = _check_positive_int(vocab_size, "vocab_size")
+    rule = LOSSES[one_of(loss, "loss", LOSSES)]
+    vocab_size = positive_int(vocab_size, "vocab_size", "vocab_size=49152")
     if "chunk_elements" in rule:
         return max(16, rule["chunk_elements"] // vocab_size)  # unsloth_zoo's own rounding
     return rule["chunk_tokens"]
@@ -448,15 +438,15 @@ def estimate(
     (`course_utils.fused_loss`, lab 08) or ``"unsloth_cpu"``; ``mlp`` how the MLP keeps its
     SwiGLU (MLPS): ``"standard"`` (the model's own) or ``"swiglu"`` (`course_utils.swiglu`).
     """
-    method = _check_choice(method, "method", {"full", "lora", "qlora"})
-    dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)
-    optimizer = _check_choice(optimizer, "optimizer", OPTIMIZER_BYTES_PER_PARAM)
-    adapter_dtype = _check_choice(adapter_dtype, "adapter_dtype", BYTES_PER_DTYPE)
-    attention = _check_choice(attention, "attention", {"sdpa", "eager"})
-    batch = _check_positive_int(batch, "batch")
-    seq_len = _check_positive_int(seq_len, "seq_len")
-    loss = _check_choice(loss, "loss", LOSSES)
-    mlp = _check_choice(mlp, "mlp", MLPS)
+    method = one_of(method, "method", METHODS)
+    dtype = one_of(dtype, "dtype", BYTES_PER_DTYPE)
+    optimizer = one_of(optimizer, "optimizer", OPTIMIZER_BYTES_PER_PARAM)
+    adapter_dtype = one_of(adapter_dtype, "adapter_dtype", BYTES_PER_DTYPE)
+    attention = one_of(attention, "attention", {"sdpa", "eager"})
+    batch = positive_int(batch, "batch", "batch=4")
+    seq_len = positive_int(seq_len, "seq_len", "seq_len=512")
+    loss = one_of(loss, "loss", LOSSES)
+    mlp = one_of(mlp, "mlp", MLPS)
     notes: list[str] = []
 
     if isinstance(config_or_params, bool):
@@ -489,7 +479,9 @@ def estimate(
             notes.append("fp32 master weights counted with the optimizer states")
     else:
         if trainable_params is not None:
-            trainable = _check_positive_int(trainable_params, "trainable_params")
+            trainable = positive_int(
+                trainable_params, "trainable_params", "trainable_params=1_000_000"
+            )
         elif cfg is None:
             raise ValueError(
                 "LoRA needs the layer shapes: pass a config or preset name instead of a bare "
@@ -628,7 +620,7 @@ def weight_bytes(
     stays in ``dtype``, which is what bitsandbytes does. A bare parameter count is treated as
     all-linear.
     """
-    dtype = _check_choice(dtype, "dtype", BYTES_PER_DTYPE)
+    dtype = one_of(dtype, "dtype", BYTES_PER_DTYPE)
     if quantization not in (None, "nf4"):
         raise ValueError(
             f"quantization must be None or 'nf4', got {quantization!r}; use 'nf4' for QLoRA."
@@ -638,7 +630,7 @@ def weight_bytes(
     if isinstance(config_or_params, bool):
         raise TypeError("config_or_params must be an int, a config or a preset name, not a bool.")
     if isinstance(config_or_params, int):
-        n_params = _check_positive_int(config_or_params, "the parameter count")
+        n_params = positive_int(config_or_params, "the parameter count", "135_000_000")
         groups = {"linear": n_params, "embeddings": 0, "other": 0, "lm_head": 0}
     else:
         groups = _param_groups(config_or_params)

@@ -21,7 +21,7 @@ The API is four calls, the same for every method:
     model = methods.apply_method(base_model, "dora", r=16, alpha=32)
     optimizer = methods.make_optimizer("dora", model, learning_rate=1e-3)   # None: AdamW
     callbacks = methods.make_callbacks("dora", model)                       # [] but Delta-LoRA
-    result = methods.train_method(model, tokenizer, examples, method="dora", steps=8)
+    trainer = SFTTrainer(model=model, ..., optimizers=(optimizer, None), callbacks=callbacks)
 
 and `trainable_parameter_formula` says from the shapes alone how many numbers each one trains.
 PEFT (0.21) implements all of them but Delta-LoRA, which `course_utils.delta_lora` builds on
@@ -30,15 +30,18 @@ PEFT (0.21) implements all of them but Delta-LoRA, which `course_utils.delta_lor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
+from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 
-from . import delta_lora, memory, train
-from .checks import positive_int, positive_number
+from . import delta_lora, memory
+from .checks import one_of, positive_int, positive_number
 
 __all__ = [
     "METHODS",
@@ -49,7 +52,6 @@ __all__ = [
     "make_callbacks",
     "make_optimizer",
     "trainable_parameter_formula",
-    "train_method",
 ]
 
 
@@ -85,15 +87,6 @@ LORAPLUS_LR_RATIO = 16.0
 # --------------------------------------------------------------------------------------------
 # Argument checks: one sentence saying what is wrong and what to do.
 # --------------------------------------------------------------------------------------------
-
-
-def _check_method(method: object) -> str:
-    """Return `method` if the zoo knows it, else raise listing the valid names."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}."
-        )
-    return method
 
 
 def _check_targets(target_modules: object) -> str | list[str]:
@@ -144,9 +137,7 @@ def make_adapter_config(
     `overrides` set any other field of that config (e.g. ``lora_dropout=0.05``,
     ``d_initial=0.1`` for VeRA, ``update_ratio=2.0`` or ``start_steps=100`` for Delta-LoRA).
     """
-    from peft import LoraConfig, VeraConfig
-
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     r = positive_int(r, "r (the rank)", "r=16")
     alpha = positive_number(alpha, "alpha", "alpha=2*r")
     targets = _check_targets(target_modules)
@@ -205,9 +196,7 @@ def apply_method(
     `make_adapter_config` builds; with `verbose` the config is printed, its fields that differ
     from the config class's defaults, so the one-line switch never hides what it built.
     """
-    from peft import get_peft_model
-
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     config = make_adapter_config(
         method, r=r, alpha=alpha, target_modules=target_modules, **overrides
     )
@@ -238,8 +227,6 @@ def apply_method(
 
 def describe_config(config) -> str:
     """Return ``ClassName(field=value, ...)`` with the fields that differ from the class defaults."""
-    import dataclasses
-
     if not dataclasses.is_dataclass(config):
         raise TypeError(
             f"config must be an adapter config dataclass (got {type(config).__name__})."
@@ -267,7 +254,7 @@ def make_optimizer(
     LoRA+: PEFT's ``create_loraplus_optimizer`` (AdamW, B at ``loraplus_lr_ratio`` × the rate).
     LoRA-FA: PEFT's ``create_lorafa_optimizer`` (A frozen, B's gradient projected).
     """
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     learning_rate = positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
     ratio = loraplus_lr_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, Real) or not ratio >= 1:
@@ -276,15 +263,12 @@ def make_optimizer(
         )
     if method not in ("lora+", "lora-fa"):
         return None
-    from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         raise ValueError(
             f"{method} needs the PEFT model; build it with apply_method(model, {method!r}) first."
         )
     if method == "lora+":
-        from peft.optimizers import create_loraplus_optimizer
-
         return create_loraplus_optimizer(
             model,
             torch.optim.AdamW,
@@ -292,7 +276,6 @@ def make_optimizer(
             loraplus_lr_ratio=float(ratio),
             weight_decay=0.0,
         )
-    from peft.optimizers import create_lorafa_optimizer
 
     config = model.peft_config[model.active_adapter]
     return create_lorafa_optimizer(
@@ -302,41 +285,10 @@ def make_optimizer(
 
 def make_callbacks(method: str, model) -> list:
     """Return the TrainerCallbacks `method` needs: Delta-LoRA's W update, nothing for the rest."""
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     if method != "delta-lora":
         return []
     return [delta_lora.DeltaLoRAUpdater(model).callback()]
-
-
-def train_method(
-    model,
-    tokenizer,
-    examples,
-    *,
-    method: str,
-    steps: int,
-    learning_rate: float = 1e-3,
-    loraplus_lr_ratio: float = LORAPLUS_LR_RATIO,
-    **train_kwargs: Any,
-) -> train.TrainResult:
-    """Train a model from `apply_method` through `train.train` with the method's optimizer and hooks."""
-    method = _check_method(method)
-    optimizer = make_optimizer(
-        method, model, learning_rate=learning_rate, loraplus_lr_ratio=loraplus_lr_ratio
-    )
-    result = train.train(
-        model,
-        tokenizer,
-        examples,
-        method="lora",  # train.train's family: a frozen base with adapters
-        steps=steps,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        callbacks=make_callbacks(method, model),
-        **train_kwargs,
-    )
-    result.label = method
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +308,7 @@ def trainable_parameter_formula(
     LoRA+, PiSSA, Delta-LoRA) r·(d_in + d_out); DoRA adds the magnitude, d_out; LoRA-FA trains B
     only, r·d_out; VeRA trains the vectors b (d_out) and d (r) over frozen shared A and B.
     """
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     r = positive_int(r, "r (the rank)", "r=16")
     cfg = memory.get_config(model_config)
     shapes = memory.linear_layer_shapes(cfg)  # name -> (d_in, d_out)

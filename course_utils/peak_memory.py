@@ -5,7 +5,7 @@ and its process RSS measures something else (malloc keeps freed memory, safetens
 weights), so on a CPU `PeakMemory` sums the allocations and frees that ``torch.profiler``
 records (``profile_memory=True``): the bytes held by live tensors at every instant. Lessons 06,
 07 and 09 measure training with it (through `course_utils.callbacks.TrainingMeter`);
-``make bench`` (`course_utils.bench`) explains the method at length.
+``make bench`` (`course_tools.bench`) explains the method at length.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import gc
 import os
 import sys
 import time
+from bisect import bisect_right
 from collections.abc import Iterator
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 __all__ = ["PeakMemory", "proc_status"]
 
@@ -111,8 +113,6 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             self._cuda_peak = self._start
         else:
-            from torch.profiler import ProfilerActivity, profile
-
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             older = torch.empty(1)  # a block from before the profiler, freed while it runs:
             with _c_stderr_silenced():
@@ -143,7 +143,6 @@ class PeakMemory:
         for _, nbytes in events:
             live.append(live[-1] + nbytes)
         self.peak = max(live)
-        from bisect import bisect_right
 
         for name, start_ns, end_ns in self._marks:
             first, last = bisect_right(times, start_ns), bisect_right(times, end_ns)
@@ -174,7 +173,6 @@ class PeakMemory:
                 "peak": peak - self._start,
             }
             return
-        from torch.profiler import record_function
 
         start_ns = time.time_ns()  # the profiler's clock
         with record_function(name):

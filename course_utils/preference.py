@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from trl import DPOConfig, DPOTrainer
 
 from . import data, env
 from .checks import positive_int, positive_number
@@ -227,22 +230,8 @@ def load_preference_pairs(split: str = "train") -> list[Pair]:
     return read_pairs(data.DATA_DIR / f"{PREFERENCE_STEM}_{split}.jsonl")
 
 
-def write_preference_files(
-    folder: str | os.PathLike, seed: int = data.SEED, rentals: dict | None = None
-) -> dict[str, Path]:
-    """Write every preference split into `folder`; return {file name: path}."""
-    folder = Path(folder)
-    written = {}
-    for split, pairs in build_preference_pairs(seed, rentals).items():
-        path = write_pairs(folder / f"{PREFERENCE_STEM}_{split}.jsonl", pairs)
-        written[path.name] = path
-    return written
-
-
 def to_dataset(pairs: Sequence[Pair]):
     """Return a ``datasets.Dataset`` with the prompt / chosen / rejected columns TRL reads."""
-    from datasets import Dataset
-
     pairs = _check_pairs(pairs)
     return Dataset.from_list(
         [{key: pair[key] for key in ("prompt", "chosen", "rejected")} for pair in pairs]
@@ -450,9 +439,6 @@ def dpo_trainer(
     `model` is a plain transformers model: the trainer wraps it with the adapter, and its reference
     is the same network with the adapter switched off, so no second copy of the model is kept.
     """
-    from peft import LoraConfig, PeftModel
-    from trl import DPOConfig, DPOTrainer
-
     if isinstance(model, PeftModel):
         raise ValueError("Pass the base model (assets.load_model()); the trainer adds the adapter.")
     steps = positive_int(steps, "steps", "steps=20")

@@ -21,7 +21,10 @@ Every scheme in this module is a variation on that one idea:
    minimum ``m``; each weight stores ``round((x - m) / d)`` in 4 bits (5 bits per weight).
 
 Everything is written with plain torch tensor operations so that each step can be printed
-and inspected in a notebook.
+and inspected in a notebook. Each scheme comes twice: the plain function lesson 03 writes in its
+own cells (``absmax_encode``, ``blockwise_encode``, ``nf4_code``, ``nf4_encode``, ... the same
+code here, checked by tests/notebooks/test_from_scratch.py) and the public ``..._quantize`` /
+``..._dequantize`` that checks its arguments, then calls it.
 """
 
 from __future__ import annotations
@@ -33,25 +36,36 @@ import torch
 
 __all__ = [
     "NF4_OFFSET",
+    "absmax_decode",
     "absmax_dequantize",
+    "absmax_encode",
     "absmax_quantize",
     "blockwise_absmax_dequantize",
     "blockwise_absmax_quantize",
+    "blockwise_decode",
+    "blockwise_encode",
     "double_dequantize_absmax",
     "double_quant_bits_per_param",
     "double_quantize_absmax",
     "dtype_table",
     "dynamic_map",
     "model_weight_bytes",
+    "nf4_code",
     "nf4_codebook",
+    "nf4_decode",
     "nf4_dequantize",
+    "nf4_encode",
     "nf4_quantize",
+    "nf4_scale_blocks",
+    "pad_to_blocks",
     "q4_1_dequantize",
     "q4_1_from_gguf_bytes",
     "q4_1_quantize",
     "q4_1_to_gguf_bytes",
     "quantization_error",
+    "zeropoint_decode",
     "zeropoint_dequantize",
+    "zeropoint_encode",
     "zeropoint_quantize",
 ]
 
@@ -227,15 +241,24 @@ def model_weight_bytes(n_params: int, bits: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def absmax_encode(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes q = round(x / scale) in [-qmax, qmax], with scale = max|x| / qmax."""
+    qmax = 2 ** (bits - 1) - 1  # 127 for 8 bits, 7 for 4 bits
+    scale = x.abs().max().float() / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all zeros: any scale will do
+    q = torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
 def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization: ``q = round(x / scale)`` with ``scale = max|x| / (2**(bits-1)-1)``."""
     x = _check_float_tensor(x)
-    qmax = 2 ** (_check_bits(bits) - 1) - 1
-    scale = x.detach().abs().max().float() / qmax
-    # An all-zero tensor has no range; any scale works, 1.0 avoids dividing by zero.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8)
-    return q, scale
+    return absmax_encode(x.detach(), _check_bits(bits))
+
+
+def absmax_decode(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Back to floats: x_hat = q * scale."""
+    return q.float() * torch.as_tensor(scale, dtype=torch.float32)
 
 
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -243,7 +266,7 @@ def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Ten
     _check_tensor(q, "q")
     if q.is_floating_point():
         raise TypeError("q must be an integer tensor; pass the q returned by absmax_quantize.")
-    return q.float() * torch.as_tensor(scale, dtype=torch.float32)
+    return absmax_decode(q, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,20 +274,33 @@ def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Ten
 # --------------------------------------------------------------------------------------------
 
 
+def zeropoint_encode(
+    x: torch.Tensor, bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes q = round(x / scale) + z in [0, 2**bits - 1]; the code z stands for 0.0 exactly."""
+    qmax = 2**bits - 1  # 255 for 8 bits
+    x = x.float()
+    scale = (x.max() - x.min()) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant x: any scale
+    zero_point = torch.round(-x.min() / scale).clamp(0, qmax)
+    q = (torch.round(x / scale) + zero_point).clamp(0, qmax).to(torch.uint8)
+    return q, scale, zero_point.to(torch.int32)
+
+
 def zeropoint_quantize(
     x: torch.Tensor, bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric quantization of ``[min, max]`` onto ``[0, 2**bits - 1]`` (uint8 codes)."""
     x = _check_float_tensor(x)
-    qmax = 2 ** _check_bits(bits) - 1
-    xf = x.detach().float()
-    lo, hi = xf.min(), xf.max()
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # The zero point is the code that represents 0.0 exactly (padding stays exact).
-    zero_point = torch.round(-lo / scale).clamp(0, qmax)
-    q = (torch.round(xf / scale) + zero_point).clamp(0, qmax).to(torch.uint8)
-    return q, scale, zero_point.to(torch.int32)
+    return zeropoint_encode(x.detach(), _check_bits(bits))
+
+
+def zeropoint_decode(
+    q: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int
+) -> torch.Tensor:
+    """Back to floats: x_hat = (q - z) * scale."""
+    z = torch.as_tensor(zero_point, dtype=torch.float32)
+    return (q.float() - z) * torch.as_tensor(scale, dtype=torch.float32)
 
 
 def zeropoint_dequantize(
@@ -272,8 +308,7 @@ def zeropoint_dequantize(
 ) -> torch.Tensor:
     """Undo :func:`zeropoint_quantize`: ``x_hat = (q - zero_point) * scale``."""
     _check_tensor(q, "q", torch.uint8)
-    zp = torch.as_tensor(zero_point, dtype=torch.float32)
-    return (q.float() - zp) * torch.as_tensor(scale, dtype=torch.float32)
+    return zeropoint_decode(q, scale, zero_point)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,11 +316,23 @@ def zeropoint_dequantize(
 # --------------------------------------------------------------------------------------------
 
 
-def _pad_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Pad a 1-D tensor with zeros to a multiple of ``block_size`` and view it as blocks."""
-    n_blocks = -(-flat.numel() // block_size)
+def pad_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A 1-D tensor as rows of block_size values, the last row padded with zeros."""
+    n_blocks = -(-flat.numel() // block_size)  # ceil(n / block_size)
     padded = torch.nn.functional.pad(flat, (0, n_blocks * block_size - flat.numel()))
     return padded.view(n_blocks, block_size)
+
+
+def blockwise_encode(
+    x: torch.Tensor, block_size: int = 64, bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax codes with one scale per block of block_size consecutive values."""
+    qmax = 2 ** (bits - 1) - 1
+    blocks = pad_to_blocks(x.reshape(-1).float(), block_size)
+    scales = blocks.abs().amax(dim=1) / qmax
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block
+    q = torch.round(blocks / scales[:, None]).clamp(-qmax, qmax).to(torch.int8)
+    return q.reshape(-1)[: x.numel()].reshape(x.shape), scales
 
 
 def blockwise_absmax_quantize(
@@ -293,13 +340,14 @@ def blockwise_absmax_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """absmax quantization with one scale per block of ``block_size`` consecutive values."""
     x = _check_float_tensor(x)
-    block_size = _check_block_size(block_size)
-    qmax = 2 ** (_check_bits(bits) - 1) - 1
-    blocks = _pad_to_blocks(x.detach().reshape(-1).float(), block_size)
-    scales = blocks.abs().amax(dim=1) / qmax
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(blocks / scales[:, None]).clamp(-qmax, qmax).to(torch.int8)
-    return q.reshape(-1)[: x.numel()].reshape(x.shape), scales
+    return blockwise_encode(x.detach(), _check_block_size(block_size), _check_bits(bits))
+
+
+def blockwise_decode(q: torch.Tensor, scales: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+    """Back to floats: each block's codes times the block's own scale."""
+    blocks = pad_to_blocks(q.reshape(-1).float(), block_size)
+    x_hat = blocks * scales.float().reshape(-1, 1)
+    return x_hat.reshape(-1)[: q.numel()].reshape(q.shape)
 
 
 def blockwise_absmax_dequantize(
@@ -309,14 +357,13 @@ def blockwise_absmax_dequantize(
     _check_tensor(q, "q", torch.int8)
     _check_tensor(scales, "scales")
     block_size = _check_block_size(block_size)
-    blocks = _pad_to_blocks(q.reshape(-1).float(), block_size)
-    if blocks.shape[0] != scales.numel():
+    n_blocks = -(-q.numel() // block_size)
+    if n_blocks != scales.numel():
         raise ValueError(
-            f"expected {blocks.shape[0]} scales for {q.numel()} values in blocks of "
+            f"expected {n_blocks} scales for {q.numel()} values in blocks of "
             f"{block_size}, got {scales.numel()}; pass the same block_size used to quantize."
         )
-    x_hat = blocks * scales.float().reshape(-1, 1)
-    return x_hat.reshape(-1)[: q.numel()].reshape(q.shape)
+    return blockwise_decode(q, scales, block_size)
 
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
@@ -343,6 +390,18 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]
 # --------------------------------------------------------------------------------------------
 
 
+def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 values: 7 negative and 8 positive normal quantiles and an exact 0, in [-1, 1]."""
+    # bitsandbytes takes the probabilities in float32 and the quantiles in float64 (scipy).
+    p_pos = torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1].double()  # 8 above 0.5
+    p_neg = torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1].double()  # 7 above 0.5
+    positive = torch.special.ndtri(p_pos)  # ndtri: the inverse of the normal CDF
+    negative = -torch.special.ndtri(p_neg)
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float()
+    values = values.sort().values
+    return values / values.max()
+
+
 def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     """The 16 NF4 values: normal quantiles, 8 positive + 7 negative + an exact zero, in [-1, 1].
 
@@ -355,32 +414,36 @@ def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
         raise TypeError(f"offset must be a float, got {type(offset).__name__}; keep 0.9677083.")
     if not 0.5 < offset < 1.0:
         raise ValueError(f"offset must lie in (0.5, 1), got {offset}; keep the default 0.9677083.")
-    # bitsandbytes builds the probabilities in float32, the quantiles in float64 (scipy) and
-    # the table in float32; we follow the same precisions so the tables agree to the bit.
-    p_pos = torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1].double()
-    p_neg = torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1].double()
-    positive = torch.special.ndtri(p_pos)
-    negative = -torch.special.ndtri(p_neg)
-    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float()
-    values = values.sort().values
-    return values / values.max()
+    return nf4_code(offset)
 
 
-def _nf4_scale_blocks(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale each block by its absmax into [-1, 1] the way bitsandbytes does (see below)."""
-    n = flat.numel()
-    n_full = n - n % block_size
+def nf4_scale_blocks(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block divided by its absmax, into [-1, 1], exactly as bitsandbytes rounds it."""
+    n_full = flat.numel() - flat.numel() % block_size
     full = flat[:n_full].reshape(-1, block_size)
     absmax = full.abs().amax(dim=1)
-    # Full blocks are multiplied by the reciprocal, the tail block is divided: bitsandbytes
-    # does exactly this, and x * (1/a) and x / a can differ in the last bit.
+    # bitsandbytes multiplies full blocks by 1 / absmax and divides the last, shorter block:
+    # x * (1 / a) and x / a can differ in the last bit, so we do the same.
     scaled = torch.clamp(full * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if n_full < n:
+    if n_full < flat.numel():
         tail = flat[n_full:]
         tail_absmax = tail.abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_absmax.reshape(1)])
         scaled = torch.cat([scaled, torch.clamp(tail / tail_absmax, -1, 1)])
     return scaled, absmax
+
+
+def nf4_encode(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 codes of w, two per byte, and each block's absmax (float32)."""
+    code = nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    scaled, absmax = nf4_scale_blocks(w.reshape(-1).float(), block_size)
+    if scaled.numel() % 2:  # an odd count: one more value, 0.0, to fill the last byte
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    # The nearest code is the number of midpoints strictly below (a tie goes to the lower code).
+    q = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]  # the first index in the high nibble
+    return packed.unsqueeze(1), absmax
 
 
 def nf4_quantize(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,15 +460,18 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
       (``byte = q[2i] << 4 | q[2i+1]``); an odd count is padded with the code of 0.0 (7).
     """
     w = _check_float_tensor(w, "w")
-    block_size = _check_block_size(block_size)
-    code = nf4_codebook()
-    midpoints = (code[:-1] + code[1:]) / 2
-    scaled, absmax = _nf4_scale_blocks(w.detach().reshape(-1).float(), block_size)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = torch.bucketize(scaled, midpoints).to(torch.uint8)  # = (scaled > midpoints).sum()
-    packed = (q[0::2] << 4) | q[1::2]
-    return packed.unsqueeze(1), absmax
+    return nf4_encode(w.detach(), _check_block_size(block_size))
+
+
+def nf4_decode(
+    packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], block_size: int = 64
+) -> torch.Tensor:
+    """Back to floats: code[index] * the absmax of the index's block, in the original shape."""
+    n = math.prod(shape)
+    flat = packed.reshape(-1)
+    indices = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
+    blocks = pad_to_blocks(nf4_code()[indices], block_size) * absmax.float().reshape(-1, 1)
+    return blocks.reshape(-1)[:n].reshape(shape)
 
 
 def nf4_dequantize(
@@ -428,11 +494,7 @@ def nf4_dequantize(
             f"expected {n_blocks} absmax values, got {absmax.numel()}; pass the same block_size "
             "used to quantize."
         )
-    flat = packed.reshape(-1)
-    indices = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
-    values = nf4_codebook()[indices]
-    blocks = _pad_to_blocks(values, block_size) * absmax.float().reshape(-1, 1)
-    return blocks.reshape(-1)[:n].reshape(shape)
+    return nf4_decode(packed, absmax, shape, block_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +573,7 @@ def double_quantize_absmax(
     block_size = _check_block_size(block_size)
     flat = absmax.detach().reshape(-1).float()
     offset = flat.mean()
-    blocks = _pad_to_blocks(flat - offset, block_size)  # zero padding never raises a maximum
+    blocks = pad_to_blocks(flat - offset, block_size)  # zero padding never raises a maximum
     absmax2 = blocks.abs().amax(dim=1)
     inverse = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
     scaled = blocks * inverse.view(-1, 1)  # the C kernel multiplies by 1/absmax too
@@ -527,7 +589,7 @@ def double_dequantize_absmax(
     _check_tensor(q, "q", torch.uint8)
     _check_tensor(absmax2, "absmax2")
     block_size = _check_block_size(block_size)
-    values = _pad_to_blocks(dynamic_map()[q.reshape(-1).long()], block_size)
+    values = pad_to_blocks(dynamic_map()[q.reshape(-1).long()], block_size)
     if values.shape[0] != absmax2.numel():
         raise ValueError(
             f"expected {values.shape[0]} absmax2 values, got {absmax2.numel()}; pass the same "

@@ -1,5 +1,7 @@
 """Why a low-rank update is enough: singular values, Eckart-Young, and a real fine-tuning ΔW.
 
+Lesson 02.
+
 Every matrix M (d x k) has a singular value decomposition M = U diag(σ) V^T with
 σ_1 >= σ_2 >= ... >= 0. Keeping only the r largest terms gives M_r, and the Eckart-Young
 theorem (1936) says no rank-r matrix is closer to M in Frobenius norm:
@@ -28,6 +30,7 @@ from numbers import Integral, Real
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = [
     "FineTuneResult",
@@ -98,7 +101,7 @@ def _as_sigmas(sigmas: object) -> torch.Tensor:
     return torch.sort(sigmas, descending=True).values
 
 
-def _check_rank(r: object, max_rank: int, what: str = "the matrix") -> int:
+def check_rank(r: object, max_rank: int, what: str = "the matrix") -> int:
     """Return r if 1 <= r <= max_rank, else raise a message that names the valid range."""
     if isinstance(r, bool) or not isinstance(r, Integral):
         raise TypeError(
@@ -124,7 +127,7 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 def energy_captured(sigmas: torch.Tensor, r: int) -> float:
     """Fraction of Σσ² carried by the r largest singular values (1.0 at full rank)."""
     sigmas = _as_sigmas(sigmas)
-    r = _check_rank(r, sigmas.numel(), "these singular values")
+    r = check_rank(r, sigmas.numel(), "these singular values")
     energy = sigmas.square()
     total = energy.sum()
     if total == 0:
@@ -145,14 +148,14 @@ def energy_curve(sigmas: torch.Tensor) -> torch.Tensor:
 def tail_norm(sigmas: torch.Tensor, r: int) -> float:
     """sqrt(σ_{r+1}² + σ_{r+2}² + ...): the Eckart-Young error of the best rank-r approximation."""
     sigmas = _as_sigmas(sigmas)
-    r = _check_rank(r, sigmas.numel(), "these singular values")
+    r = check_rank(r, sigmas.numel(), "these singular values")
     return float(sigmas[r:].square().sum().sqrt())
 
 
 def low_rank_approx(matrix: torch.Tensor, r: int) -> torch.Tensor:
     """Best rank-r approximation U_r diag(σ_r) V_r^T (truncated SVD), float64 on the CPU."""
     m = _as_matrix(matrix)
-    r = _check_rank(r, min(m.shape))
+    r = check_rank(r, min(m.shape))
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return (u[:, :r] * s[:r]) @ vh[:r]
 
@@ -174,7 +177,7 @@ def reconstruction_error(matrix: torch.Tensor, r: int, relative: bool = False) -
 def random_subspace_error(matrix: torch.Tensor, r: int, seed: int = 0) -> float:
     """||M - Q Q^T M||_F for a random r-dimensional column space Q: a rank-r rival to the SVD."""
     m = _as_matrix(matrix)
-    r = _check_rank(r, min(m.shape))
+    r = check_rank(r, min(m.shape))
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer (got {seed!r}); try seed=0.")
     generator = torch.Generator().manual_seed(int(seed))
@@ -246,8 +249,6 @@ def short_full_finetune(
     into blocks of `seq_len` tokens; one batch of blocks is held out to measure the loss before
     and after, the other blocks are shuffled (with `seed`) and used in turn for `steps` steps.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"model must be a torch.nn.Module (got {type(model).__name__}); pass the loaded model."

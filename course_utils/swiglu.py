@@ -1,5 +1,7 @@
 """The MLP's SwiGLU, SiLU(gate) * up, keeping only gate and up for the backward pass.
 
+Lesson 08 (going further).
+
 A Llama-style MLP computes ``down(SiLU(gate(x)) * up(x))``. Written as PyTorch ops, the forward
 pass saves four tensors of ``tokens x intermediate_size`` for the backward pass: ``gate`` (for
 SiLU's derivative), ``SiLU(gate)`` and ``up`` (for the product's), and the product itself (for
@@ -20,7 +22,7 @@ the stock MLP's bit for bit (tested), on a CPU as on a GPU. Under another saved-
 (non-reentrant gradient checkpointing, which recomputes everything anyway) the product is saved
 as usual.
 
-`course_utils.train` puts it on every MLP of the model it trains (`patch_mlp`).
+`course_tools.train` puts it on every MLP of the model it trains (`patch_mlp`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import SiLUActivation
 
 __all__ = ["patch_mlp", "swiglu", "unpatch_mlp"]
 
@@ -70,8 +73,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _silu_types() -> tuple[type, ...]:
     """The modules that compute SiLU: torch's and transformers' own (``ACT2FN["silu"]``)."""
-    from transformers.activations import SiLUActivation
-
     return (torch.nn.SiLU, SiLUActivation)
 
 

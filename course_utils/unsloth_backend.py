@@ -1,5 +1,7 @@
 """The course model through Unsloth: load, add LoRA, and say which backend Unsloth really used.
 
+Lesson 08.
+
 Lab 08 reads this module. Unsloth's ``FastLanguageModel`` picks a backend when it is imported:
 
 - on an NVIDIA/AMD GPU, its own Triton kernels (fused RoPE, RMSNorm, cross-entropy, LoRA MLP and
@@ -16,7 +18,7 @@ Training then goes through `train.train` (TRL's ``SFTTrainer``), exactly as in l
 
 Importing Unsloth patches transformers and TRL for the whole process, so import it (call
 `import_unsloth`) before anything else trains, and compare it with plain PEFT in *separate*
-processes (`course_utils.bench_training`, workload ``unsloth-lora``).
+processes (`course_tools.bench.training`, workload ``unsloth-lora``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def import_unsloth():
             "Unsloth is not installed; run `make setup` (it installs unsloth and unsloth_zoo "
             "with --no-deps) or `pip install --no-deps unsloth unsloth_zoo`."
         )
-    import unsloth
+    import unsloth  # lazy: Unsloth patches transformers when imported; only lab 08 asks for it
 
     return unsloth
 

@@ -1,10 +1,29 @@
 """Interactive explorers for the theory lessons (ipywidgets).
 
+Lessons 02 and 03.
+
 Each widget is a thin layer over a plain function that computes the numbers it shows, so every
 explorer also works without a browser: call the function, get the numbers.
 """
 
 from __future__ import annotations
+
+import base64
+import html
+import io
+
+import ipywidgets as widgets
+from matplotlib.figure import Figure
+
+from course_utils import memory
+from course_utils.lora import first_step_update_norm, lora_parameter_count, lora_scaling
+from course_utils.spectrum import (
+    check_rank,
+    energy_captured,
+    energy_curve,
+    singular_values,
+    tail_norm,
+)
 
 # ---------------------------------------------------------------------------------------------
 # LoRA: rank explorer and alpha explorer (lesson 02)
@@ -45,9 +64,6 @@ def _lora_check_limit(value: object, name: str, upper: int) -> int:
 
 def _lora_show(out, fig, text: str) -> None:
     """Show a matplotlib Figure as a PNG in an Output widget (no pyplot, works without a kernel)."""
-    import base64
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     png = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -67,12 +83,9 @@ def rank_stats(delta, r: int) -> dict:
     ``absolute_error`` is ||ΔW - ΔW_r||_F; ``energy_captured`` is top-r Σσ² / Σσ² (a fraction);
     ``lora_parameters`` is r (d_out + d_in) and ``full_parameters`` d_out d_in.
     """
-    from course_utils.lora import lora_parameter_count
-    from course_utils.spectrum import _check_rank, energy_captured, singular_values, tail_norm
-
     sigmas = singular_values(delta)  # checks delta is a real 2-D matrix
     d_out, d_in = (int(n) for n in delta.shape)
-    r = _check_rank(r, min(d_out, d_in), f"a {d_out} x {d_in} matrix")
+    r = check_rank(r, min(d_out, d_in), f"a {d_out} x {d_in} matrix")
     norm = float(sigmas.square().sum().sqrt())
     if norm == 0:
         raise ValueError("delta is all zeros, so there is nothing to approximate; pass a real ΔW.")
@@ -102,8 +115,6 @@ def format_rank_stats(stats: dict) -> str:
 
 def _rank_figure(sigmas, curve, stats: dict, title: str):
     """Spectrum with the kept values highlighted, and the energy curve with r marked."""
-    from matplotlib.figure import Figure
-
     k, n = stats["r"], len(sigmas)
     fig = Figure(figsize=(10, 3.4))
     left, right = fig.subplots(1, 2)
@@ -128,11 +139,6 @@ def rank_explorer(delta, r: int = 8, max_rank: int | None = None, title: str = "
     ``format_rank_stats(rank_stats(delta, slider.value))``. The returned VBox carries ``slider``,
     ``stats_html``, ``plot`` (an Output) and ``stats`` (the dict currently shown).
     """
-    import html
-
-    import ipywidgets as widgets
-
-    from course_utils.spectrum import energy_curve, singular_values
 
     rank_stats(delta, r)  # fails early, with the helpful message, on a bad r or a zero delta
     sigmas = singular_values(delta)
@@ -166,8 +172,6 @@ def rank_explorer(delta, r: int = 8, max_rank: int | None = None, title: str = "
 
 def _update_norm(r: int, alpha: float, rslora: bool) -> float:
     """first_step_update_norm, remembered: the explorer asks for the same points again and again."""
-    from course_utils.lora import first_step_update_norm
-
     key = (int(r), float(alpha), bool(rslora))
     if key not in _UPDATE_NORMS:
         _UPDATE_NORMS[key] = first_step_update_norm(r, alpha, rslora)
@@ -181,8 +185,6 @@ def alpha_stats(r: int, alpha: float, rslora: bool = False) -> dict:
     one Adam step from the standard init (B = 0) on a 576 x 576 layer
     (see :func:`course_utils.lora.first_step_update_norm`).
     """
-    from course_utils.lora import lora_scaling
-
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be an integer (got {r!r}); try r=8.")
     if not 1 <= r <= ALPHA_MAX_RANK:
@@ -213,8 +215,6 @@ def format_alpha_stats(stats: dict) -> str:
 
 def _alpha_figure(stats: dict, ranks: list[int]):
     """Effective scale and first-step update norm against r, for both rules, at the current α."""
-    from matplotlib.figure import Figure
-
     a, k = stats["alpha"], stats["r"]
     fig = Figure(figsize=(10, 3.4))
     left, right = fig.subplots(1, 2)
@@ -244,9 +244,6 @@ def alpha_explorer(
     VBox carries ``controls`` ({"r", "alpha", "rslora"}), ``stats_html``, ``plot`` (an Output)
     and ``stats`` (the dict currently shown).
     """
-    import html
-
-    import ipywidgets as widgets
 
     max_rank = _lora_check_limit(max_rank, "max_rank", ALPHA_MAX_RANK)
     max_alpha = _lora_check_limit(max_alpha, "max_alpha", 4096)
@@ -316,7 +313,7 @@ MEMORY_DTYPES = {
 #: The dtype the calculator keeps LoRA/QLoRA adapters in (PEFT's default; memory.estimate's too).
 MEMORY_ADAPTER_DTYPE = "fp32"
 #: Training methods the memory calculator offers.
-MEMORY_METHODS = ("full", "lora", "qlora")
+MEMORY_METHODS = memory.METHODS
 #: The parts of training memory, in the order they are displayed.
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
 _MEMORY_COLORS = {
@@ -361,8 +358,6 @@ def memory_stats(
     :mod:`course_utils.memory`), ``gpus`` ({name: fits?}, smallest card first) and ``fits``
     (the names that fit, same order).
     """
-    from course_utils import memory
-
     model = _memory_choice(model, "model", list(memory.PRESETS))
     method = _memory_choice(method, "method", MEMORY_METHODS)
     dtype = _memory_choice(dtype, "dtype", list(memory.BYTES_PER_DTYPE))
@@ -420,8 +415,6 @@ def format_memory_precision(stats: dict) -> str:
     """The bytes per parameter of a setting, part by part, e.g. for full fine-tuning in bf16:
     ``full fine-tuning, bf16 mixed precision, per parameter: 2 B bf16 weight + 2 B bf16 gradient
     + 4 B fp32 master copy + 8 B adamw states = 16 B (activations come on top)``."""
-    from course_utils import memory
-
     _lora_check_stats(
         stats,
         (
@@ -473,9 +466,6 @@ def format_memory_precision(stats: dict) -> str:
 
 def _memory_gpu_table(stats: dict) -> str:
     """An HTML table: each GPU, its memory, whether the setting fits and how full it would be."""
-    import html
-
-    from course_utils import memory
 
     rows = []
     for name, ok in stats["gpus"].items():
@@ -492,11 +482,6 @@ def _memory_gpu_table(stats: dict) -> str:
 
 def _memory_chart_png(stats: dict) -> bytes:
     """A horizontal bar per memory part plus the total, with the GPU sizes as dashed lines (PNG)."""
-    import io
-
-    from matplotlib.figure import Figure
-
-    from course_utils import memory
 
     names = [*MEMORY_PARTS, "total"]
     values = [stats[f"{name}_gb"] for name in names]
@@ -541,12 +526,6 @@ def memory_calculator(
     VBox carries ``controls`` (dict of the input widgets by argument name), ``stats_html``,
     ``precision_html``, ``gpu_table``, ``chart`` (an Output) and ``stats`` (the dict shown).
     """
-    import base64
-    import html
-
-    import ipywidgets as widgets
-
-    from course_utils import memory
 
     memory_stats(model, method, dtype, batch, seq_len, optimizer)  # validate before building
     wide = {"description_width": "80px"}

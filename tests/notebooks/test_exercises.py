@@ -1,7 +1,7 @@
 """The graded exercises: masters pass nbgrader's checks, student versions are stubs and in sync.
 
 `solutions/<assignment>/<notebook>.ipynb` are nbgrader master notebooks; `exercises/` is generated
-from them by `python -m course_utils.grading generate` and must never be edited by hand.
+from them by `python -m course_tools.grading generate` and must never be edited by hand.
 """
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils import grading
+from course_tools import grading
 
 ROOT = Path(__file__).resolve().parents[2]
 MASTERS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
@@ -92,7 +92,7 @@ def test_student_version_holds_no_solution_and_no_hidden_test(path):
 
 
 def test_exercises_are_in_sync_with_solutions():
-    assert grading.check_exercises() == [], "run: python -m course_utils.grading generate"
+    assert grading.check_exercises() == [], "run: python -m course_tools.grading generate"
 
 
 def test_the_sync_check_catches_a_hand_edit(tmp_path):

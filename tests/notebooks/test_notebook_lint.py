@@ -113,7 +113,7 @@ def test_the_lint_catches_a_training_lab_that_calls_a_wrapper(tmp_path):
 
     def change(nb):
         wrapped = nbformat.v4.new_code_cell(
-            "from course_utils.train import prepare_model\n"
+            "from course_tools.train import prepare_model\n"
             "model = train.prepare_model(assets.load_model(), 'lora')\n"
             "result = train.train(model, tokenizer, examples, method='lora', steps=4)"
         )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from course_utils import bench_eval
+from course_tools.bench import eval as bench_eval
 
 
 def test_the_race_times_both_evaluators_on_the_same_listings(model, tokenizer):

@@ -1,11 +1,12 @@
-"""Tests for course_utils.bench_loss: the three losses raced alone, on small tensors."""
+"""Tests for course_tools.bench.loss: the three losses raced alone, on small tensors."""
 
 import json
 
 import pytest
 import torch
 
-from course_utils import bench_loss, fused_loss
+from course_tools.bench import loss as bench_loss
+from course_utils import fused_loss
 
 
 def _inputs(batch=2, seq_len=300, hidden=32, vocab=1000, seed=0):

@@ -1,4 +1,4 @@
-"""Tests for course_utils.bench_training: the training record of `make bench`, on a tiny Llama.
+"""Tests for course_tools.bench.training: the training record of `make bench`, on a tiny Llama.
 
 `make bench` runs the same code on SmolLM2 for minutes; here a random 2-layer Llama with the
 course tokenizer's vocabulary goes through the real subprocesses, the real SFTTrainer and the
@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from course_utils import bench_training, memory
+from course_tools.bench import training as bench_training
+from course_utils import memory
 
 MB = 2**20
 WORKLOADS = ["course-full", "course-lora", "sft-lora", "trainer-lora", "unsloth-lora"]

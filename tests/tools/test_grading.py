@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils import grading
+from course_tools import grading
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = "02_lora_math/02_lora_math_exercises.ipynb"
@@ -294,9 +294,12 @@ def test_solved_trainer_exercises_score_full_marks_in_the_sandbox(tmp_path):
 
 def test_a_submitted_file_is_recognised_by_its_name():
     stems = ["02_lora_math_exercises", "03_quantization_exercises"]
-    assert grading._notebook_key("02_lora_math_exercises.ipynb", stems) == stems[0]
-    assert grading._notebook_key("Copy of 03_quantization_exercises (2).ipynb", stems) == stems[1]
-    assert grading._notebook_key("homework.ipynb", stems) is None
+    assert grading.batch._notebook_key("02_lora_math_exercises.ipynb", stems) == stems[0]
+    assert (
+        grading.batch._notebook_key("Copy of 03_quantization_exercises (2).ipynb", stems)
+        == stems[1]
+    )
+    assert grading.batch._notebook_key("homework.ipynb", stems) is None
 
 
 def test_repair_gives_back_lost_metadata_and_deleted_test_cells():
@@ -308,8 +311,8 @@ def test_repair_gives_back_lost_metadata_and_deleted_test_cells():
     tests = [c for c in released.cells if c.metadata["nbgrader"].get("grade")]
     damaged.cells = [c for c in damaged.cells if c.source != tests[1].source]  # one test deleted
     notes = grading.repair_submission(damaged, released)
-    assert [grading._grade_id(c) for c in damaged.cells] == [
-        grading._grade_id(c) for c in released.cells
+    assert [grading.batch._grade_id(c) for c in damaged.cells] == [
+        grading.batch._grade_id(c) for c in released.cells
     ]
     assert len(notes) == 2 and "put back 1" in notes[1]
     assert grading.repair_submission(damaged, released) == []  # nothing left to repair
@@ -330,17 +333,19 @@ def test_restore_puts_a_changed_folder_back(tmp_path):
     folder = tmp_path / "solutions"
     (folder / "a").mkdir(parents=True)
     (folder / "a" / "x.ipynb").write_text("original")
-    state = grading._snapshot([folder])
+    state = grading.sandbox.take_snapshot([folder])
     (folder / "a" / "x.ipynb").write_text("changed")
     (folder / "new.txt").write_text("added")
-    changed = grading._restore(state, [folder])
+    changed = grading.sandbox.restore(state, [folder])
     assert len(changed) == 2
-    assert grading._digest(grading._snapshot([folder])) == grading._digest(state)
+    assert grading.sandbox.snapshot_digest(
+        grading.sandbox.take_snapshot([folder])
+    ) == grading.sandbox.snapshot_digest(state)
 
 
 SANDBOX_PROBE = """
 import json, os, shutil, subprocess, sys
-from course_utils.grading import install_sandbox
+from course_tools.grading.sandbox import install_sandbox
 
 work, outside = sys.argv[1:3]
 inside, other = os.path.join(work, "mine"), os.path.join(work, "other")
@@ -392,7 +397,7 @@ def test_the_sandbox_blocks_what_a_graded_notebook_must_not_do(tmp_path):
 
 def test_the_command_line_explains_itself():
     result = subprocess.run(
-        [sys.executable, "-m", "course_utils.grading", "--help"],
+        [sys.executable, "-m", "course_tools.grading", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

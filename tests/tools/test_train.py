@@ -1,4 +1,4 @@
-"""Tests for course_utils.train and course_utils.evaluate on a tiny random Llama (seconds, not minutes).
+"""Tests for course_tools.train and course_utils.evaluate on a tiny random Llama (seconds, not minutes).
 
 The tiny model has the course tokenizer's vocabulary, so the real chat template, the real
 assistant-only labels and TRL's real SFTTrainer all run; the labs run the same code on SmolLM2.
@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from course_utils import assets, data, env, evaluate, memory, train
+from course_tools import train
+from course_utils import assets, data, env, evaluate, memory
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_gradient_checkpointing_recomputes_layers_without_torchs_warning(tokeniz
 
 
 def test_prepare_model_rejects_unknown_methods_and_wrong_bases(tokenizer):
-    with pytest.raises(ValueError, match="full, lora, qlora"):
+    with pytest.raises(ValueError, match="'full', 'lora', 'qlora'"):
         train.prepare_model(assets.tiny_llama(tokenizer), "dora")
     with pytest.raises(ValueError, match="quantization='nf4'"):
         train.prepare_model(assets.tiny_llama(tokenizer), "qlora")
@@ -105,7 +106,7 @@ def test_asking_for_4bit_without_bitsandbytes_says_how_to_install_it(monkeypatch
 
 def _tiny_nf4(tokenizer):
     """The tiny Llama loaded in NF4 by transformers + bitsandbytes, as a learner might load it."""
-    from course_utils.bench import _tiny_model
+    from course_tools.bench.common import tiny_model as _tiny_model
 
     return _tiny_model(torch.float32, torch.device("cpu"), True, vocab_size=len(tokenizer))
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from course_tools import timings as lesson_timings
 from course_utils import course_map as cm
 
 
@@ -24,7 +25,7 @@ def test_markdown_table_has_a_row_per_lesson():
 
 def test_recorded_timings_show_up_and_untimed_ones_say_so(tmp_path, monkeypatch):
     timings = tmp_path / "timings.json"
-    record = cm.record_timing("00_start_here", 125.0, path=timings)
+    record = lesson_timings.record_timing("00_start_here", 125.0, path=timings)
     assert record["seconds"] == 125.0 and record["machine"]
     stored = json.loads(timings.read_text())
     assert stored["00_start_here"]["cpu"]["seconds"] == 125.0
@@ -44,4 +45,4 @@ def test_the_shipped_timings_file_is_well_formed():
 
 def test_measure_rejects_a_missing_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="No notebook at"):
-        cm.measure_notebook(tmp_path / "nope.ipynb")
+        lesson_timings.measure_notebook(tmp_path / "nope.ipynb")

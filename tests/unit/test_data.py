@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from course_tools import datasets
 from course_utils import data
 
 CONVERSATION = [
@@ -309,10 +310,10 @@ def test_shipped_splits_have_their_sizes_and_never_overlap(loader, sizes):
 
 
 def test_the_instruction_task_is_regenerated_byte_for_byte(tmp_path):
-    for split, examples in data.build_instruction_task().items():
+    for split, examples in datasets.build_instruction_task().items():
         fresh = data.write_jsonl(tmp_path / f"rentals_{split}.jsonl", examples)
         assert fresh.read_bytes() == (data.DATA_DIR / fresh.name).read_bytes(), split
-    assert data.build_instruction_task(seed=1)["test"] != data.load_instruction_task("test")
+    assert datasets.build_instruction_task(seed=1)["test"] != data.load_instruction_task("test")
 
 
 def test_the_classification_task_is_regenerated_byte_for_byte(tmp_path):
@@ -322,7 +323,7 @@ def test_the_classification_task_is_regenerated_byte_for_byte(tmp_path):
         pytest.skip(
             f"docstrings differ between Pythons: built with {manifest['stdlib_docs_python']}"
         )
-    for split, examples in data.build_classification_task().items():
+    for split, examples in datasets.build_classification_task().items():
         fresh = data.write_jsonl(tmp_path / f"stdlib_docs_{split}.jsonl", examples)
         assert fresh.read_bytes() == (data.DATA_DIR / fresh.name).read_bytes(), split
 
@@ -330,7 +331,7 @@ def test_the_classification_task_is_regenerated_byte_for_byte(tmp_path):
 def test_the_manifest_matches_the_shipped_files():
     manifest = json.loads((data.DATA_DIR / data.MANIFEST).read_text())
     for name, info in manifest["files"].items():
-        assert data._file_digest(data.DATA_DIR / name) == info["sha256"], name
+        assert datasets.file_digest(data.DATA_DIR / name) == info["sha256"], name
 
 
 def test_instruction_records_follow_the_documented_rules():
@@ -346,7 +347,7 @@ def test_instruction_records_follow_the_documented_rules():
 
 
 def test_classification_labels_are_balanced_and_from_the_label_set():
-    for split, per_label in data.CLASSIFICATION_PER_LABEL.items():
+    for split, per_label in datasets.CLASSIFICATION_PER_LABEL.items():
         labels = [data.reference_answer(e) for e in data.load_classification_task(split)]
         assert {label: labels.count(label) for label in set(labels)} == dict.fromkeys(
             data.CLASSIFICATION_LABELS, per_label

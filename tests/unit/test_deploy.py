@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from course_tools.bench.common import tiny_model as _tiny_model
 from course_utils import assets, deploy, evaluate
-from course_utils.bench import _tiny_model
 
 PROMPTS = ["What is LoRA?", "<|im_start|>user\nHello, world!<|im_end|>\n"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_utils import assets, bench, fused_loss
+from course_utils import assets, fused_loss
+from course_utils.peak_memory import PeakMemory
 
 
 def _inputs(n=300, hidden=32, vocab=1000, dtype=torch.float64, seed=0):
@@ -147,7 +148,7 @@ def test_it_holds_one_chunk_of_logits_not_all_of_them():
     y = torch.randint(0, vocab, (tokens,), generator=gen)
     peaks = {}
     for name in ("fused", "standard"):
-        with bench.PeakMemory() as peak:
+        with PeakMemory() as peak:
             if name == "fused":
                 loss = fused_loss.linear_cross_entropy(h, w, y, chunk_tokens=chunk).loss_sum
             else:

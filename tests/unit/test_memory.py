@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from course_utils import assets, bench_loss, fused_loss
+from course_tools.bench import loss as bench_loss
+from course_utils import assets, fused_loss
 from course_utils import memory as M
 from course_utils.quant import double_quant_bits_per_param
 
@@ -49,7 +50,7 @@ def test_breakdown_and_to_gb():
     est = M.estimate("SmolLM2-135M", method="lora", dtype="bf16", batch=2, seq_len=256)
     parts = est.breakdown()
     # Backward frees activations while it writes gradients: the peak holds the larger of the two
-    # (measured against real training steps by `python -m course_utils.bench memory`).
+    # (measured against real training steps by `python -m course_tools.bench memory`).
     peak = max(est.activations, est.gradients + est.temporaries)
     assert parts["total"] == est.total == est.weights + est.optimizer + peak
     assert est.to_gb()["total"] == pytest.approx(est.total / 2**30)
@@ -136,7 +137,7 @@ LOSS_TOKENS, LOSS_VOCAB = 1024, 8192
 
 def _loss_peak_bytes(loss_fn) -> int:
     """Peak bytes of live tensors while `loss_fn(hidden, weight, labels)` runs and backpropagates."""
-    from course_utils.bench import PeakMemory
+    from course_utils.peak_memory import PeakMemory
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, LOSS_TOKENS, 16, generator=gen, requires_grad=True)
@@ -249,7 +250,7 @@ def test_bad_inputs_raise_helpful_errors():
     with pytest.raises(ValueError, match="pass a config or preset name"):
         M.estimate(1000, method="lora")
     assert M.estimate(1000, method="lora", trainable_params=10).trainable_params == 10
-    with pytest.raises(ValueError, match="batch must be positive"):
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
         M.estimate(1000, batch=0)
     with pytest.raises(ValueError, match="loss must be one of"):
         M.estimate("SmolLM2-135M", loss="dft")

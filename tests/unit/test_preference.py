@@ -11,7 +11,8 @@ import random
 import pytest
 import torch
 
-from course_utils import assets, data, preference, train
+from course_tools import datasets, train
+from course_utils import assets, data, preference
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def pairs():
 
 
 def test_rebuilding_gives_the_shipped_files_byte_for_byte(tmp_path):
-    written = preference.write_preference_files(tmp_path)
+    written = datasets.write_preference_files(tmp_path)
     assert sorted(written) == ["rentals_preference_test.jsonl", "rentals_preference_train.jsonl"]
     for name, path in written.items():
         assert path.read_bytes() == (data.DATA_DIR / name).read_bytes(), name
@@ -36,7 +37,7 @@ def test_the_manifest_records_the_preference_files():
         name = f"rentals_preference_{split}.jsonl"
         pairs = preference.load_preference_pairs(split)
         assert manifest["files"][name]["examples"] == len(pairs)
-        assert manifest["files"][name]["sha256"] == data._file_digest(data.DATA_DIR / name)
+        assert manifest["files"][name]["sha256"] == datasets.file_digest(data.DATA_DIR / name)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_utils import assets, bench, memory, swiglu, train
+from course_tools import train
+from course_utils import assets, memory, swiglu
+from course_utils.peak_memory import PeakMemory
 
 
 def _two_op(gate, up):
@@ -47,10 +49,10 @@ def test_only_one_input_trainable_gets_its_gradient():
 def _kept_intermediate_tensors(mlp, x, width: int) -> float:
     """How many tensors of rows x `width` one MLP's forward leaves alive for the backward pass.
 
-    Measured as bytes (`bench.PeakMemory`), not by a saved-tensor hook: the patched MLP keeps
+    Measured as bytes (`PeakMemory`), not by a saved-tensor hook: the patched MLP keeps
     the usual tensors under another hook, so a counting hook would change what it counts.
     """
-    with bench.PeakMemory("cpu") as meter:
+    with PeakMemory("cpu") as meter:
         with meter.phase("forward"):
             out = mlp(x)
     forward = meter.phases["forward"]

@@ -21,7 +21,7 @@ CHILD = r"""
 import json, sys, torch
 from course_utils import memory, unsloth_backend
 from course_utils.assets import load_tokenizer
-from course_utils.bench import _tiny_model
+from course_tools.bench.common import tiny_model as _tiny_model
 
 folder = sys.argv[1]
 unsloth = unsloth_backend.import_unsloth()
@@ -44,7 +44,7 @@ out["trained_names"] = sorted(
 out["wrapped"] = unsloth_backend.backend(peft_model)
 
 # The CPU fallback's cross-entropy: the chunk it picks for SmolLM2's vocabulary, and its peak.
-from course_utils.bench import PeakMemory
+from course_utils.peak_memory import PeakMemory
 from unsloth_zoo.cpu import ops
 
 chunks = []

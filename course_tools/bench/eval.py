@@ -1,6 +1,6 @@
 """How fast does a lab score the rentals task? Seconds per 100 held-out listings, two ways.
 
-``python -m course_utils.bench eval`` (part of ``make bench``) scores the same held-out listings
+``python -m course_tools.bench eval`` (part of ``make bench``) scores the same held-out listings
 with SmolLM2-135M-Instruct twice, one after the other, in one process:
 
 * ``plain``: what the labs did before: transformers' greedy ``generate`` 16 listings at a
@@ -26,8 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import data, env
+from course_utils import data, env
+from course_utils.assets import model_path
+from course_utils.evaluate import score_instruction
 
 __all__ = ["GOAL_SECONDS_PER_100", "format_table", "main", "race"]
 
@@ -83,8 +87,6 @@ def _plain_scores(model, tokenizer, examples) -> dict:
 
 def race(model, tokenizer, n_examples: int = 100) -> list[dict]:
     """Time both evaluators on the first `n_examples` test listings; check equal scores."""
-    from .evaluate import score_instruction
-
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ValueError(f"n_examples must be a positive integer (got {n_examples!r}); e.g. 100.")
     examples = data.load_instruction_task("test")[:n_examples]
@@ -132,12 +134,9 @@ def format_table(rows: list[dict], model_label: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_utils.bench eval``: seconds per 100 held-out listings, two evaluators."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``python -m course_tools.bench eval``: seconds per 100 held-out listings, two evaluators."""
 
-    from .assets import model_path
-
-    parser = argparse.ArgumentParser(prog="python -m course_utils.bench eval", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m course_tools.bench eval", description=__doc__)
     parser.add_argument("--examples", type=int, default=env.by_profile(full=100, ci=8))
     parser.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter folder")
     parser.add_argument("--out", type=Path, default=None, help="write eval.md and eval.json here")
@@ -148,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=env.default_dtype(device)).to(device)
     label = "untrained SmolLM2-135M"
     if args.adapter is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, args.adapter)
         label = f"SmolLM2-135M + {args.adapter.name}"
     rows = race(model, tokenizer, args.examples)

@@ -1,6 +1,6 @@
 """Full fine-tuning, LoRA and QLoRA measured side by side: speed, MFU and peak memory.
 
-``python -m course_utils.bench train`` (the first half of ``make bench``) trains SmolLM2-135M
+``python -m course_tools.bench train`` (the first half of ``make bench``) trains SmolLM2-135M
 for a few steps with each method, every workload in a *fresh* subprocess, on the same data: the
 Python language reference (``course_utils.data``) cut into blocks of ``seq_len`` tokens, so every
 step sees exactly ``batch x seq_len`` real tokens and no padding. The workloads:
@@ -47,18 +47,30 @@ What each number means
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
-from . import env
+from course_tools import train
+from course_utils import assets, data, env, unsloth_backend
+from course_utils.assets import load_model
+from course_utils.checks import one_of
+from course_utils.data import IGNORE_INDEX
+from course_utils.memory import LLAMA_LINEAR_LAYERS, METHODS, estimate
+
+from .common import CONFIG_KEYS, MODELS, emit, machine, run_child, tiny_model
 
 __all__ = [
     "DATA",
@@ -133,11 +145,8 @@ def _check_sizes(**sizes: object) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _blocks(tokenizer, n_blocks: int, seq_len: int):
+def blocks(tokenizer, n_blocks: int, seq_len: int):
     """A Dataset of `n_blocks` blocks of `seq_len` tokens of the Python reference (labels = ids)."""
-    from datasets import Dataset
-
-    from . import data
 
     ids: list[list[int]] = []
     have = 0
@@ -154,8 +163,6 @@ def _blocks(tokenizer, n_blocks: int, seq_len: int):
 
 def _chat(tokenizer, n_examples: int):
     """A Dataset of the first `n_examples` rentals chat examples, assistant-only labels."""
-    from . import data, train
-
     examples = data.load_instruction_task("train")
     if len(examples) < n_examples:
         raise ValueError(f"the rentals task has {len(examples)} examples, fewer than {n_examples}.")
@@ -169,16 +176,13 @@ def _check_data(kind: object) -> str:
     return kind  # type: ignore[return-value]
 
 
-def _load(model_name: str, method: str, tokenizer, device: torch.device, path: str = "course"):
+def load_base(model_name: str, method: str, tokenizer, device: torch.device, path: str = "course"):
     """The base model for a method: SmolLM2 from the course cache or the tiny random Llama."""
     quantize = method == "qlora"
     if path == "unsloth":
         return _load_with_unsloth(model_name, tokenizer)
     if model_name == "tiny":
-        from .bench import _tiny_model
-
-        return _tiny_model(torch.float32, device, quantize, vocab_size=len(tokenizer))
-    from .assets import load_model
+        return tiny_model(torch.float32, device, quantize, vocab_size=len(tokenizer))
 
     return load_model(device=device, quantization="nf4" if quantize else None, verbose=False)
 
@@ -188,16 +192,12 @@ _TINY_FOLDERS: list[tempfile.TemporaryDirectory] = []  # alive until the process
 
 def _load_with_unsloth(model_name: str, tokenizer):
     """The base model loaded by Unsloth's FastLanguageModel (the tiny Llama via a saved folder)."""
-    from . import unsloth_backend
-
     unsloth_backend.import_unsloth()  # before the model exists, as Unsloth asks
     location = None
     if model_name == "tiny":
-        from .bench import _tiny_model
-
         folder = tempfile.TemporaryDirectory()
         _TINY_FOLDERS.append(folder)
-        tiny = _tiny_model(torch.float32, torch.device("cpu"), False, vocab_size=len(tokenizer))
+        tiny = tiny_model(torch.float32, torch.device("cpu"), False, vocab_size=len(tokenizer))
         tiny.save_pretrained(folder.name)
         tokenizer.save_pretrained(folder.name)
         location = folder.name
@@ -207,8 +207,6 @@ def _load_with_unsloth(model_name: str, tokenizer):
 
 def _unsloth_path(model, tokenizer, dataset, steps, batch, lora_r, lr) -> dict:
     """LoRA through Unsloth's get_peft_model and train.train with the loss Unsloth chunks."""
-    from . import unsloth_backend
-
     model = unsloth_backend.get_peft_model(model, r=lora_r)
     out = _train_measured(model, tokenizer, dataset, "lora", steps, batch, lr, path="unsloth")
     return {**out, "backend": unsloth_backend.describe(model)}
@@ -216,7 +214,6 @@ def _unsloth_path(model, tokenizer, dataset, steps, batch, lora_r, lr) -> dict:
 
 def _step_timer(step_seconds: list[float]):
     """A TrainerCallback that appends the wall time of every optimizer step to `step_seconds`."""
-    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -230,7 +227,6 @@ def _step_timer(step_seconds: list[float]):
 
 def _rate_sampler(rates: list[float]):
     """A TrainerCallback that appends the fp32 matmul rate, measured after every step, to `rates`."""
-    from transformers import TrainerCallback
 
     class RateSampler(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -244,12 +240,6 @@ def _plain_trainer_lora(
     model, tokenizer, dataset, steps: int, batch: int, lora_r: int, lr: float
 ) -> dict:
     """LoRA through plain transformers.Trainer + PEFT (no TRL): the reference path."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
-    from . import data, train
-    from .memory import LLAMA_LINEAR_LAYERS
 
     config = LoraConfig(
         r=lora_r,
@@ -275,9 +265,9 @@ def _plain_trainer_lora(
             report_to="none",
             seed=0,  # train.train's seeds: the same shuffle, so the same batches in the same order
             data_seed=0,
-            dataloader_pin_memory=train._on_cuda(model),
+            dataloader_pin_memory=train.on_cuda(model),
             disable_tqdm=True,
-            **train._precision_flags(model),  # the same mixed precision as the course path
+            **train.precision_flags(model),  # the same mixed precision as the course path
         )
         trainer = Trainer(
             model=model,
@@ -308,8 +298,6 @@ def _train_measured(model, tokenizer, dataset, method, steps, batch, lr, path: s
     `path` picks the loss and the MLP (KERNELS): the course's kernels, TRL's stock ones, or the
     plain loss that Unsloth's CPU fallback replaces with its chunked one.
     """
-    from . import train
-
     loss_type, fused_mlp = KERNELS[path]
     rates: list[float] = []
     result = train.train(
@@ -340,8 +328,6 @@ def _train_measured(model, tokenizer, dataset, method, steps, batch, lr, path: s
 
 def _sft_path(model, tokenizer, dataset, method, steps, batch, lora_r, lr, path) -> dict:
     """train.prepare_model + train.train (TRL SFTTrainer) with `path`'s kernels, memory measured."""
-    from . import train
-
     lora = None if method == "full" else train.lora_config(r=lora_r)
     model = train.prepare_model(model, method, lora=lora)
     return _train_measured(model, tokenizer, dataset, method, steps, batch, lr, path=path)
@@ -360,13 +346,9 @@ def run_workload(
     data: str = "blocks",
 ) -> dict:
     """Run one workload in this process and return its measurements (a JSON-able dict)."""
-    from . import assets
-    from .data import IGNORE_INDEX
-
     workload = _check_workloads([workload])[0]
     data = _check_data(data)
     _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
-    from .bench import MODELS
 
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
@@ -376,7 +358,7 @@ def run_workload(
     env.seed_everything(0)
     tokenizer = assets.load_tokenizer()
     if data == "blocks":
-        dataset = _blocks(tokenizer, steps * batch, seq_len)
+        dataset = blocks(tokenizer, steps * batch, seq_len)
     else:
         dataset = _chat(tokenizer, steps * batch)
     # one epoch exactly, same seed: both paths see the same batches in the same order
@@ -386,7 +368,7 @@ def run_workload(
         sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
         / steps
     )
-    base = _load(model, method, tokenizer, where, path)
+    base = load_base(model, method, tokenizer, where, path)
     if path in ("course", "sft"):
         out = _sft_path(base, tokenizer, dataset, method, steps, batch, lora_r, learning_rate, path)
     elif path == "unsloth":
@@ -395,7 +377,6 @@ def run_workload(
         out = _plain_trainer_lora(base, tokenizer, dataset, steps, batch, lora_r, learning_rate)
     trained = out.pop("model")
     config = trained.config.to_dict()
-    from .bench import _CONFIG_KEYS
 
     step_seconds = out["step_seconds"]
     timed = step_seconds[_TIMED_AFTER:] or step_seconds[1:]
@@ -420,7 +401,7 @@ def run_workload(
         "tokens_per_second": tokens_per_step / per_step,
         "timed_steps": len(timed),
         "matmul_rate": max(rates),
-        "config": {key: config.get(key) for key in _CONFIG_KEYS},
+        "config": {key: config.get(key) for key in CONFIG_KEYS},
         "seconds": time.perf_counter() - started,
         **out,
     }
@@ -428,8 +409,6 @@ def run_workload(
 
 def measure_workload(workload: str, *, timeout: float = 900, **options) -> dict:
     """Run one workload in a fresh subprocess (nothing shared with the others) and return it."""
-    from .bench import run_child
-
     workload = _check_workloads([workload])[0]
     argv = ["_workload", workload] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     # normal malloc: the memory bench's MALLOC_MMAP_THRESHOLD_ would make every step pay for
@@ -485,9 +464,7 @@ def flops_per_token(
     The output layer's `head_params` count only on the `labelled` share of the tokens: the loss
     needs no logits where the label is -100 (a chat prompt), so those FLOPs are not model FLOPs.
     """
-    from .train import _check_method
-
-    _check_method(method)
+    one_of(method, "method", METHODS)
     _check_sizes(total_params=total_params, trainable_params=trainable_params)
     if isinstance(head_params, bool) or not isinstance(head_params, int) or head_params < 0:
         raise ValueError(f"head_params must be an int >= 0 (got {head_params!r}), e.g. 0.")
@@ -515,8 +492,6 @@ def _loss(row: dict) -> str:
 
 def _estimate(row: dict) -> int:
     """The memory estimator's total for the setup a workload ran with, its loss included."""
-    from .memory import estimate
-
     config = {k: v for k, v in row["config"].items() if v is not None}
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(row["dtype"], "fp32")
     return estimate(
@@ -592,25 +567,6 @@ def _met(name: str, value: float | None) -> str:
     op, bound = TARGETS[name]
     ok = {">=": value >= bound, "<=": value <= bound, "|x|<=": abs(value) <= bound}[op]
     return "met" if ok else "NOT met"
-
-
-def machine() -> dict[str, object]:
-    """What the bench ran on: CPU model, cores, threads, RAM, device and library versions."""
-    report = env.environment_report()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    keep = ("platform", "cpu cores", "torch threads", "RAM (GB)", "device", "dtype", "gpu")
-    versions = ("torch", "transformers", "peft", "trl", "bitsandbytes")
-    return {
-        "cpu": cpu,
-        **{k: report[k] for k in keep if k in report},
-        **{k: report[k] for k in versions if k in report},
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,8 +683,6 @@ def _write_csv(rows: Sequence[dict], path: Path) -> None:
 
 def plot(rows: Sequence[dict]):
     """Tokens/s and MFU per workload beside measured vs estimated peak memory; the figure."""
-    import matplotlib.pyplot as plt
-
     names = [row["workload"] for row in rows]
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.6))
     bars = speed.bar(names, [row["tokens_per_second"] for row in rows], color="tab:blue")
@@ -831,7 +785,6 @@ def run(
     )
     _write_csv(rows, folder / f"{name}.csv")
     (folder / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    import matplotlib.pyplot as plt
 
     figure = plot(rows)
     figure.savefig(folder / f"{name}.png", dpi=110)
@@ -843,3 +796,52 @@ def run(
             f"\nwrote {folder}/{name}.md, .csv, .json, .png ({time.perf_counter() - started:.0f} s)"
         )
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def workload_main(argv: list[str]) -> int:
+    """``_workload``: one training workload in this (fresh) process, its result printed."""
+    parser = argparse.ArgumentParser(prog="python -m course_tools.bench _workload")
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    for name, default in (("steps", 6), ("batch", 8), ("seq-len", 128), ("lora-r", 16)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data", choices=DATA, default="blocks")
+    options = vars(parser.parse_args(argv))
+    emit(run_workload(options.pop("workload"), **options))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``python -m course_tools.bench train``: speed, MFU and memory of each method."""
+    parser = argparse.ArgumentParser(
+        prog="python -m course_tools.bench train", description=main.__doc__
+    )
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--steps", type=int, default=None, help="default 6 (ci profile: 4)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--data", choices=DATA, default="blocks")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds, fastest kept (default 2)"
+    )
+    args = parser.parse_args(argv)
+    run(
+        args.workloads,
+        out=args.out,
+        model=args.model,
+        steps=args.steps,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        data=args.data,
+        rounds=args.rounds,
+    )
+    return 0

@@ -1,6 +1,6 @@
 """Which loss is fastest? The output layer and the cross-entropy raced alone, on SmolLM2's head.
 
-``python -m course_utils.bench loss`` (part of ``make bench``) runs SmolLM2 once over
+``python -m course_tools.bench loss`` (part of ``make bench``) runs SmolLM2 once over
 batch x seq_len tokens of the Python reference, keeps the hidden states its last layer hands
 to the output layer, and then times only the loss *and its backward pass* on those tensors,
 three ways:
@@ -15,12 +15,13 @@ Each runs with the head frozen (LoRA and QLoRA: only the hidden states get a gra
 with the head training (full fine-tuning). The calls are interleaved, one of each per round,
 and the median round is kept, so a drift of the machine's speed hits every loss alike. The
 peak bytes of live tensors come from a separate, untimed call under
-:class:`course_utils.bench.PeakMemory`. Before any timing the three losses and their gradients
+:class:`course_tools.bench.PeakMemory`. Before any timing the three losses and their gradients
 are checked against each other: a loss that computes something else stops the bench.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -28,8 +29,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+from trl.trainer import sft_trainer
 
-from . import env, fused_loss
+from course_utils import env, fused_loss
+from course_utils.assets import load_tokenizer
+from course_utils.peak_memory import PeakMemory
+
+from .common import MODELS, machine
+from .training import blocks, load_base
 
 __all__ = ["HEADS", "LOSSES", "LOSS_FUNCTIONS", "check_agreement", "format_table", "race", "run"]
 
@@ -41,15 +49,11 @@ HEADS = ("frozen", "trained")
 
 def _standard(hidden, weight, labels):
     """LlamaForCausalLM's loss: all the logits, then transformers' ForCausalLMLoss."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     return ForCausalLMLoss(hidden @ weight.T, labels, vocab_size=weight.shape[0])
 
 
 def _chunked_nll(hidden, weight, labels):
     """TRL's default loss for SFTTrainer, with TRL's own chunk size."""
-    from trl.trainer import sft_trainer
-
     chunk = sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
     return sft_trainer._chunked_cross_entropy_loss(hidden, weight, chunk, labels=labels)[0]
 
@@ -113,8 +117,6 @@ def check_agreement(hidden, weight, labels, tolerance: float = 1e-4) -> dict[str
 
 def _peak_mb(name: str, hidden, weight, labels, head: str) -> float:
     """Peak MB of live tensors during one loss + backward (untimed)."""
-    from .bench import PeakMemory
-
     with PeakMemory(hidden.device) as peak:
         _loss_and_grads(name, hidden, weight, labels, head)
     return peak.peak / 2**20
@@ -153,17 +155,14 @@ def race(hidden, weight, labels, *, rounds: int = 5, heads: Sequence[str] = HEAD
 
 def _hidden_states(model_name: str, batch: int, seq_len: int):
     """SmolLM2's (or the tiny Llama's) last hidden states on Python-reference blocks."""
-    from .assets import load_tokenizer
-    from .bench_training import _blocks, _load
-
     tokenizer = load_tokenizer()
-    model = _load(model_name, "full", tokenizer, torch.device("cpu"))
-    blocks = _blocks(tokenizer, batch, seq_len)
-    ids = torch.tensor(blocks["input_ids"])
+    model = load_base(model_name, "full", tokenizer, torch.device("cpu"))
+    rows = blocks(tokenizer, batch, seq_len)
+    ids = torch.tensor(rows["input_ids"])
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
     weight = model.get_output_embeddings().weight.detach().clone()
-    return hidden.float(), weight.float(), torch.tensor(blocks["labels"])
+    return hidden.float(), weight.float(), torch.tensor(rows["labels"])
 
 
 def format_table(rows: Sequence[dict], info: dict) -> str:
@@ -199,9 +198,6 @@ def run(
     rounds: int = 5,
 ) -> list[dict]:
     """Race the three losses on `model`'s head, print the table, write loss.md and loss.json."""
-    from .bench import MODELS
-    from .bench_training import machine
-
     _check_positive(batch=batch, seq_len=seq_len, rounds=rounds)
     if model not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)} (got {model!r}).")
@@ -228,13 +224,10 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m course_utils.bench loss``: the three losses raced on the model's head."""
-    import argparse
-
-    from .bench import MODELS
+    """``python -m course_tools.bench loss``: the three losses raced on the model's head."""
 
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.bench loss", description=main.__doc__
+        prog="python -m course_tools.bench loss", description=main.__doc__
     )
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--batch", type=int, default=8)

@@ -1,6 +1,6 @@
 """Is the memory estimator right? Measure a real training step and compare.
 
-``python -m course_utils.bench memory`` trains SmolLM2-135M for real (full fine-tuning, LoRA
+``python -m course_tools.bench memory`` trains SmolLM2-135M for real (full fine-tuning, LoRA
 and QLoRA: forward, backward and an AdamW step), each method in a *fresh* Python subprocess so
 that nothing one method allocated hides in another's numbers, measures the peak memory of the
 training state and prints it next to :func:`course_utils.memory.estimate`, with the error.
@@ -52,55 +52,28 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from . import env
-from .assets import TINY_LLAMA, nf4_config, tiny_llama
-from .memory import LLAMA_LINEAR_LAYERS, estimate, measure_model_bytes
-from .peak_memory import PeakMemory, proc_status
+from course_utils import env
+from course_utils.assets import load_model
+from course_utils.checks import fraction, one_of, positive_int
+from course_utils.memory import LLAMA_LINEAR_LAYERS, METHODS, estimate, measure_model_bytes
+from course_utils.peak_memory import PeakMemory, proc_status
+
+from .common import CONFIG_KEYS, DTYPES, MB, MODELS, TINY_CONFIG, emit, run_child, tiny_model
 
 __all__ = [
-    "METHODS",
-    "MODELS",
-    "PeakMemory",
     "compare_memory",
     "format_memory_table",
     "main",
     "measure_training_step",
 ]
-
-#: The fine-tuning methods the bench measures.
-METHODS = ("full", "lora", "qlora")
-#: ``smollm2``: the course model (via course_utils.assets); ``tiny``: a random 2-layer Llama
-#: built on the spot, for fast tests of the machinery.
-MODELS = ("smollm2", "tiny")
-#: The tiny random Llama used by the tests (no download, a few MB): assets' tiny Llama, wider.
-TINY_CONFIG = {**TINY_LLAMA, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256}
-#: Config keys handed back from the subprocess so the estimator sees the real model's shape.
-_CONFIG_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
-)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_RESULT_MARK = "BENCH_RESULT "
-MB = 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,42 +81,17 @@ MB = 2**20
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_model(
-    dtype: torch.dtype, device: torch.device, quantize: bool, vocab_size: int | None = None
-):
-    """A random 2-layer Llama, saved and loaded back like a real checkpoint (NF4 if asked)."""
-    from transformers import AutoModelForCausalLM
-
-    config = dict(TINY_CONFIG, vocab_size=vocab_size or TINY_CONFIG["vocab_size"])
-    with tempfile.TemporaryDirectory() as folder:
-        tiny_llama(**config).save_pretrained(folder)
-        options: dict = {"dtype": dtype}
-        if quantize:
-            options["quantization_config"] = nf4_config(dtype)
-            options["device_map"] = {"": str(device)}
-        model = AutoModelForCausalLM.from_pretrained(folder, **options)
-        # unquantized weights may be memory-mapped from the folder about to go: own them
-        for param in model.parameters():
-            if type(param).__name__ != "Params4bit":
-                param.data = param.data.clone()
-    return model if quantize else model.to(device)
-
-
 def _prepare_model(args: argparse.Namespace, device: torch.device):
     """Load the model for ``args.method`` and wrap it for training (PEFT LoRA for lora/qlora)."""
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     quantize = args.method == "qlora"
     if args.model == "tiny":
-        model = _tiny_model(dtype, device, quantize)
+        model = tiny_model(dtype, device, quantize)
     else:
-        from .assets import load_model
-
         model = load_model(
             device=device, dtype=dtype, quantization="nf4" if quantize else None, verbose=False
         )
     if args.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
         if quantize:  # the QLoRA recipe: norms in fp32, inputs require grad, checkpointing
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=args.gradient_checkpointing
@@ -229,7 +177,7 @@ def _run_step(args: argparse.Namespace) -> dict:
         "lora_r": args.lora_r,
         "lora_dropout": args.lora_dropout,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "config": {key: config.get(key) for key in _CONFIG_KEYS},
+        "config": {key: config.get(key) for key in CONFIG_KEYS},
         "n_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in params),
         "weights": weights,
@@ -251,22 +199,6 @@ def _run_step(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_method(method: object) -> str:
-    """Return ``method`` if it is one of METHODS, else raise."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    return method
-
-
-def _check_positive(value: object, name: str) -> int:
-    """Return ``value`` if it is a positive int, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}; e.g. {name}=4.")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}; e.g. {name}=4.")
-    return value
-
-
 @dataclass
 class _StepOptions:
     """The knobs of one measured training step (validated once, turned into CLI arguments)."""
@@ -285,20 +217,12 @@ class _StepOptions:
 
     def __post_init__(self) -> None:
         """Validate every field, and fill in the QLoRA default for gradient checkpointing."""
-        _check_method(self.method)
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}.")
+        one_of(self.method, "method", METHODS)
+        one_of(self.model, "model", MODELS)
         for name in ("batch", "seq_len", "steps", "lora_r", "lora_alpha"):
-            _check_positive(getattr(self, name), name)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
-        dropout = self.lora_dropout
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1
-        ):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+            positive_int(getattr(self, name), name, f"{name}=4")
+        one_of(self.dtype, "dtype", DTYPES)
+        fraction(self.lora_dropout, "lora_dropout", "lora_dropout=0.0")
         if self.gradient_checkpointing is None:  # what prepare_model_for_kbit_training does
             self.gradient_checkpointing = self.method == "qlora"
 
@@ -361,46 +285,6 @@ def measure_training_step(
     )
 
 
-def run_child(argv: list[str], *, timeout: float, what: str, fixed_mmap: bool = True) -> dict:
-    """Run ``python -m course_utils.bench ARGV`` in a fresh subprocess; return its result dict.
-
-    The child prints one ``BENCH_RESULT {json}`` line; a failure or a timeout raises with the
-    command to run by hand and the last lines it printed. ``fixed_mmap`` sets glibc's mmap
-    threshold (for the memory bench's RSS column; it slows training down).
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    command = [sys.executable, "-m", "course_utils.bench", *argv]
-    child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    # glibc keeps freed blocks below its (self-raising) mmap threshold for re-use, so RSS would
-    # stay up after activations are freed; a fixed threshold hands big blocks back at once and
-    # makes the RSS column an independent upper bound of the allocator's count
-    if fixed_mmap:
-        child_env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    else:
-        child_env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    root = str(Path(__file__).resolve().parent.parent)  # importable without being installed
-    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    shown = "python " + " ".join(command[1:])
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=child_env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(
-            f"{what} took more than {timeout:g} s; pass a smaller batch or seq_len, or a "
-            f"larger timeout (the command was `{shown}`)."
-        ) from None
-    lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(
-            f"{what} failed (exit code {done.returncode}); run `{shown}` by hand to see why. "
-            f"Last lines:\n{tail}"
-        )
-    return json.loads(lines[-1][len(_RESULT_MARK) :])
-
-
 def _estimate_for(measured: dict) -> dict:
     """The estimator's numbers for the setup a measurement ran with."""
     config = {k: v for k, v in measured["config"].items() if v is not None}
@@ -435,7 +319,7 @@ def compare_memory(
     if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
         raise TypeError(f"methods must be a list such as {list(METHODS)}, got {methods!r}.")
     for method in methods:
-        _check_method(method)
+        one_of(method, "method", METHODS)
     batch = env.by_profile(full=4, ci=2) if batch is None else batch
     seq_len = env.by_profile(full=128, ci=64) if seq_len is None else seq_len
     rows = []
@@ -536,13 +420,13 @@ def format_memory_table(rows: Sequence[dict], tolerance: float = 0.10) -> str:
 
 def _step_parser() -> argparse.ArgumentParser:
     """Arguments of the internal ``_step`` subcommand (one measured run, JSON on stdout)."""
-    parser = argparse.ArgumentParser(prog="python -m course_utils.bench _step")
+    parser = argparse.ArgumentParser(prog="python -m course_tools.bench _step")
     parser.add_argument("method", choices=METHODS)
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
@@ -552,84 +436,16 @@ def _step_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _workload_parser() -> argparse.ArgumentParser:
-    """Arguments of the internal ``_workload`` subcommand (one training workload, JSON out)."""
-    from .bench_training import DATA, WORKLOADS
-
-    parser = argparse.ArgumentParser(prog="python -m course_utils.bench _workload")
-    parser.add_argument("workload", choices=WORKLOADS)
-    parser.add_argument("--model", choices=MODELS, default="smollm2")
-    for name, default in (("steps", 6), ("batch", 8), ("seq-len", 128), ("lora-r", 16)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--data", choices=DATA, default="blocks")
-    return parser
-
-
-def _train_main(argv: list[str]) -> int:
-    """``python -m course_utils.bench train``: speed, MFU and memory of each method."""
-    from . import bench_training
-
-    parser = argparse.ArgumentParser(
-        prog="python -m course_utils.bench train", description=_train_main.__doc__
-    )
-    parser.add_argument(
-        "--workloads",
-        nargs="+",
-        choices=bench_training.WORKLOADS,
-        default=list(bench_training.WORKLOADS),
-    )
-    parser.add_argument("--model", choices=MODELS, default="smollm2")
-    parser.add_argument("--steps", type=int, default=None, help="default 6 (ci profile: 4)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--data", choices=bench_training.DATA, default="blocks")
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds, fastest kept (default 2)"
-    )
-    args = parser.parse_args(argv)
-    bench_training.run(
-        args.workloads,
-        out=args.out,
-        model=args.model,
-        steps=args.steps,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        data=args.data,
-        rounds=args.rounds,
-    )
+def step_main(argv: list[str]) -> int:
+    """``_step``: one measured training step in this (fresh) process, its result printed."""
+    emit(_run_step(_step_parser().parse_args(argv)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m course_utils.bench train|loss|eval|memory``: training, the loss, scoring, memory."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "_step":
-        result = _run_step(_step_parser().parse_args(argv[1:]))
-        print(_RESULT_MARK + json.dumps(result), flush=True)
-        return 0
-    if argv and argv[0] == "_workload":
-        from .bench_training import run_workload
-
-        options = vars(_workload_parser().parse_args(argv[1:]))
-        result = run_workload(options.pop("workload"), **options)
-        print(_RESULT_MARK + json.dumps(result), flush=True)
-        return 0
-    if argv and argv[0] == "train":
-        return _train_main(argv[1:])
-    if argv and argv[0] == "loss":
-        from .bench_loss import main as loss_main
-
-        return loss_main(argv[1:])
-    if argv and argv[0] == "eval":
-        from .bench_eval import main as eval_main
-
-        return eval_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m course_utils.bench", description=main.__doc__)
-    parser.add_argument(
-        "what", choices=["memory", "train", "loss", "eval"], help="what to benchmark"
+    """``python -m course_tools.bench memory``: the estimator against measured training steps."""
+    parser = argparse.ArgumentParser(
+        prog="python -m course_tools.bench memory", description=main.__doc__
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch", type=int, default=None, help="default 4 (ci profile: 2)")
@@ -660,7 +476,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and any(abs(row["error"]) > args.tolerance for row in rows):
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

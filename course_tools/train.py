@@ -24,10 +24,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
 
-from . import data, env, fused_loss, swiglu
-from .callbacks import TrainingMeter, TrainResult, count_parameters, plot_losses
-from .checks import positive_int, positive_number
+from course_utils import data, env, fused_loss, methods, swiglu
+from course_utils.assets import has_cpu_inference_layout, keep_trainable_4bit_layout
+from course_utils.callbacks import TrainingMeter, TrainResult, count_parameters, plot_losses
+from course_utils.checks import one_of, positive_int, positive_number
+from course_utils.memory import METHODS
 
 __all__ = [
     "METHODS",
@@ -41,7 +48,6 @@ __all__ = [
 ]
 
 #: The fine-tuning methods `prepare_model` and `train` know.
-METHODS = ("full", "lora", "qlora")
 #: The losses `train` knows: TRL's own two, "chunked_nll" (TRL's default and ours: the logits
 #: 256 labelled tokens at a time, recomputed in backward) and "nll" (full logits), and the
 #: course's "fused" (`course_utils.fused_loss`: chunks whose gradient is formed in one pass).
@@ -51,18 +57,6 @@ MB = 2**20
 #: backward pass, "reentrant"), said explicitly: left out, as PEFT's
 #: prepare_model_for_kbit_training leaves it, torch warns under every QLoRA training cell.
 CHECKPOINTING = {"use_reentrant": True}
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks: one sentence saying what is wrong and what to do.
-# --------------------------------------------------------------------------------------------
-
-
-def _check_method(method: object) -> str:
-    """Return `method` if it is one of METHODS, else raise listing them."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r}).")
-    return method  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,8 +72,6 @@ def lora_config(
     use_rslora: bool = False,
 ):
     """Return a PEFT ``LoraConfig`` for a causal LM (alpha defaults to 2·r, the common choice)."""
-    from peft import LoraConfig
-
     r = positive_int(r, "r (the LoRA rank)", "r=16")
     alpha = 2 * r if alpha is None else positive_number(alpha, "alpha", "alpha=2*r")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
@@ -120,9 +112,7 @@ def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | 
     (``assets.load_model(quantization="nf4")``); ``prepare_model_for_kbit_training`` keeps the
     norms in fp32 and turns on gradient checkpointing, then LoRA goes on top.
     """
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a transformers model (got {type(model).__name__}).")
     if isinstance(model, PeftModel):
@@ -136,8 +126,6 @@ def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | 
             "assets.load_model(quantization='nf4') (bitsandbytes must be installed)."
         )
     if quantized:
-        from .assets import has_cpu_inference_layout, keep_trainable_4bit_layout
-
         if has_cpu_inference_layout(model):
             raise ValueError(
                 "bitsandbytes repacked this 4-bit model's weights for CPU inference, a layout "
@@ -179,8 +167,6 @@ def prepare_model(model, method: str, lora=None, gradient_checkpointing: bool | 
 
 def chat_dataset(tokenizer, examples: Sequence[data.Example], max_length: int | None = 512):
     """Tokenize chat examples into a ``datasets.Dataset`` (input_ids, attention_mask, labels)."""
-    from datasets import Dataset
-
     if isinstance(examples, dict) or not isinstance(examples, Sequence) or not examples:
         raise ValueError(
             "examples must be a non-empty list of chat examples, e.g. "
@@ -198,14 +184,14 @@ def chat_dataset(tokenizer, examples: Sequence[data.Example], max_length: int | 
 # --------------------------------------------------------------------------------------------
 
 
-def _on_cuda(model) -> bool:
+def on_cuda(model) -> bool:
     """Say whether the model's weights are on a CUDA device."""
     return next(model.parameters()).device.type == "cuda"
 
 
-def _precision_flags(model) -> dict[str, bool]:
+def precision_flags(model) -> dict[str, bool]:
     """bf16/fp16 mixed precision on CUDA as env.default_dtype says; nothing on a CPU."""
-    if not _on_cuda(model):
+    if not on_cuda(model):
         return {"bf16": False, "fp16": False}
     dtype = env.default_dtype("cuda")
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
@@ -245,10 +231,7 @@ def train(
     `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
     rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
     """
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    method = _check_method(method)
+    method = one_of(method, "method", METHODS)
     steps = positive_int(steps, "steps", "steps=60")
     batch_size = positive_int(batch_size, "batch_size", "batch_size=8")
     learning_rate = positive_number(learning_rate, "learning_rate", "learning_rate=1e-3")
@@ -289,14 +272,14 @@ def train(
             data_seed=seed,
             max_length=max_length,
             dataloader_num_workers=0,
-            dataloader_pin_memory=_on_cuda(model),
+            dataloader_pin_memory=on_cuda(model),
             disable_tqdm=not progress_bar,
             gradient_checkpointing=False,  # prepare_model decided already
             include_num_input_tokens_seen="non_padding",
             # TRL's chunked_nll contract (a forward returning the loss and token counts) is
             # what the fused head keeps; its forward replaces TRL's once the trainer exists.
             loss_type="chunked_nll" if loss_type == "fused" else loss_type,
-            **_precision_flags(model),
+            **precision_flags(model),
         )
         trainer = SFTTrainer(
             model=model,
@@ -333,8 +316,6 @@ def _use_mlp(model, fused: bool) -> None:
 
 def _check_extras(optimizer: object, callbacks: object) -> list:
     """Return `callbacks` as a list if it holds TrainerCallbacks and `optimizer` is one, else raise."""
-    from transformers import TrainerCallback
-
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer or None (got {type(optimizer).__name__}); "
@@ -349,6 +330,35 @@ def _check_extras(optimizer: object, callbacks: object) -> list:
 
 def _printer_callback():
     """The callback class that prints every log dict (noise next to the progress bar)."""
-    from transformers.trainer_callback import PrinterCallback
-
     return PrinterCallback
+
+
+def train_method(
+    model,
+    tokenizer,
+    examples,
+    *,
+    method: str,
+    steps: int,
+    learning_rate: float = 1e-3,
+    loraplus_lr_ratio: float = methods.LORAPLUS_LR_RATIO,
+    **train_kwargs: Any,
+) -> TrainResult:
+    """Train a model from `apply_method` through `train` with the method's optimizer and hooks."""
+    method = one_of(method, "method", methods.METHODS)
+    optimizer = methods.make_optimizer(
+        method, model, learning_rate=learning_rate, loraplus_lr_ratio=loraplus_lr_ratio
+    )
+    result = train(
+        model,
+        tokenizer,
+        examples,
+        method="lora",  # train's family: a frozen base with adapters
+        steps=steps,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        callbacks=methods.make_callbacks(method, model),
+        **train_kwargs,
+    )
+    result.label = method
+    return result
