@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import env
 from .assets import align_special_tokens
+from .checks import positive_int
 from .generation import Message, as_messages
 
 __all__ = [
@@ -49,13 +50,6 @@ __all__ = [
 GGUF_DTYPES = ("f32", "f16")
 #: The model types `export_gguf` knows how to write.
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-def _positive_int(value: object, name: str, example: str) -> int:
-    """Return `value` if it is an integer > 0, else raise saying what to pass."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer (got {value!r}); try {example}.")
-    return value
 
 
 def _check_model(model) -> None:
@@ -98,9 +92,9 @@ def generate(
 ) -> Generation:
     """Answer one prompt greedily; return the text, the tokens generated and the seconds taken."""
     _check_model(model)
-    max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens", "max_new_tokens=64")
+    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens", "max_new_tokens=64")
     if min_new_tokens is not None:
-        _positive_int(min_new_tokens, "min_new_tokens", "min_new_tokens=32")
+        positive_int(min_new_tokens, "min_new_tokens", "min_new_tokens=32")
         if min_new_tokens > max_new_tokens:
             raise ValueError(
                 f"min_new_tokens ({min_new_tokens}) must not exceed max_new_tokens "
@@ -144,8 +138,8 @@ def tokens_per_second(
     model, tokenizer, prompt: str | Sequence[Message], *, new_tokens: int = 32, repeats: int = 3
 ) -> float:
     """Return the median tokens/s of `repeats` greedy generations of exactly `new_tokens` tokens."""
-    new_tokens = _positive_int(new_tokens, "new_tokens", "new_tokens=32")
-    repeats = _positive_int(repeats, "repeats", "repeats=3")
+    new_tokens = positive_int(new_tokens, "new_tokens", "new_tokens=32")
+    repeats = positive_int(repeats, "repeats", "repeats=3")
     generate(model, tokenizer, prompt, max_new_tokens=2)  # warm-up: first-call overheads
     speeds = [
         generate(

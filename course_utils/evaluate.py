@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import data
+from .checks import positive_int
 
 __all__ = [
     "FIELDS",
@@ -46,13 +47,6 @@ def _non_empty(values: object, name: str, example: str) -> Sequence:
     if isinstance(values, str | bytes | dict) or not isinstance(values, Sequence) or not values:
         raise ValueError(f"{name} must be a non-empty list, e.g. {example}.")
     return values
-
-
-def _positive_int(value: object, name: str) -> int:
-    """Return `value` if it is an integer > 0, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer (got {value!r}).")
-    return value
 
 
 def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -102,7 +96,7 @@ def side_by_side(
 ) -> str:
     """Return a markdown table: the user's input, then one column per run, then the reference."""
     _non_empty(examples, "examples", "test[:4]")
-    _positive_int(n, "n")
+    positive_int(n, "n", "n=40")
     for label, answers in columns.items():
         if len(answers) < min(n, len(examples)):
             raise ValueError(f"column {label!r} has fewer answers than the {n} rows asked for.")
@@ -144,8 +138,8 @@ def perplexity(
 ) -> float:
     """Return exp(mean next-token loss) over the first `max_blocks` blocks of `texts`."""
     _non_empty(texts, "texts", "data.load_python_reference('validation')")
-    _positive_int(max_blocks, "max_blocks")
-    _positive_int(batch_size, "batch_size")
+    positive_int(max_blocks, "max_blocks", "max_blocks=8")
+    positive_int(batch_size, "batch_size", "batch_size=8")
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     blocks = data.group_texts(ids, block_size, separator_id=tokenizer.eos_token_id)["input_ids"]
     blocks = blocks[:max_blocks]
@@ -195,7 +189,7 @@ def answer_loss(
 ) -> float:
     """Return the mean loss on the assistant tokens of `examples` (teacher-forced, no generation)."""
     _non_empty(examples, "examples", "data.load_instruction_task('validation')")
-    _positive_int(batch_size, "batch_size")
+    positive_int(batch_size, "batch_size", "batch_size=8")
     features = [data.tokenize_with_assistant_mask(tokenizer, e) for e in examples]
     device = next(model.parameters()).device
     total, count = 0.0, 0

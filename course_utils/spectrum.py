@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import positive_int
+
 __all__ = [
     "FineTuneResult",
     "energy_captured",
@@ -201,15 +203,6 @@ class FineTuneResult:
     settings: dict = field(default_factory=dict)
 
 
-def _check_positive_int(value: object, name: str, example: int) -> int:
-    """Return value if it is a positive int, else raise."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
-        raise ValueError(
-            f"{name} must be a positive integer (got {value!r}); try {name}={example}."
-        )
-    return int(value)
-
-
 def _blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     """Tokenize the texts, join them with EOS and cut the stream into rows of seq_len tokens."""
     eos = tokenizer.eos_token_id
@@ -259,9 +252,9 @@ def short_full_finetune(
         raise ValueError("texts must be a non-empty list of strings; e.g. [text1, text2].")
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("every entry of texts must be a string; convert them with str().")
-    steps = _check_positive_int(steps, "steps", 20)
-    batch_size = _check_positive_int(batch_size, "batch_size", 4)
-    seq_len = _check_positive_int(seq_len, "seq_len", 64)
+    steps = positive_int(steps, "steps", "steps=20")
+    batch_size = positive_int(batch_size, "batch_size", "batch_size=4")
+    seq_len = positive_int(seq_len, "seq_len", "seq_len=64")
     if isinstance(lr, bool) or not isinstance(lr, Real) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number (got {lr!r}); try lr=2e-5.")
     if isinstance(modules, str) or not isinstance(modules, list | tuple) or not modules:

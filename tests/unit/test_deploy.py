@@ -137,7 +137,7 @@ def test_bad_arguments_say_what_to_do(tiny, tokenizer, exported, tmp_path):
     from peft import get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from course_utils import train
+    from course_tools import train
 
     with pytest.raises(ValueError, match="dtype must be one of"):
         deploy.export_gguf(tiny, tokenizer, tmp_path / "x.gguf", dtype="q4_0")
