@@ -9,3 +9,5 @@ Not what a learner imports: lessons and exercises use ``course_utils``. This pac
 - ``datasets``  writes the data files the package ships (``python -m course_tools.datasets``)
 - ``timings``   each lesson's measured wall time (``make timings``)
 """
+
+import course_utils  # noqa: F401  (first: its env module quiets bitsandbytes' install advice)

@@ -110,3 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
     )
     return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
