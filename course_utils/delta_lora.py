@@ -47,6 +47,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from . import lora
+from .checks import positive_int, positive_number
 
 __all__ = [
     "DeltaLoRAConfig",
@@ -71,10 +72,10 @@ class DeltaLoRAConfig:
 
     def __post_init__(self) -> None:
         """Check every field, so a bad value fails before a model is touched."""
-        self.r = lora._check_rank(self.r)
-        self.alpha = lora._check_alpha(self.alpha)
+        self.r = positive_int(self.r, "r", "r=8")
+        self.alpha = positive_number(self.alpha, "alpha", "alpha=2*r, e.g. alpha=16")
         if self.target_modules != "all-linear":
-            self.target_modules = lora._check_target_modules(self.target_modules)
+            self.target_modules = lora.check_target_modules(self.target_modules)
         ratio = self.update_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio):
             raise ValueError(
@@ -108,7 +109,7 @@ def _all_linear_targets(model: nn.Module) -> list[str]:
 
 def inject_delta_lora(model: nn.Module, config: DeltaLoRAConfig) -> list[str]:
     """Put a dropout-free LoRALinear on each targeted layer, remember `config`; return the names."""
-    lora._check_model(model)
+    lora.check_model(model)
     if not isinstance(config, DeltaLoRAConfig):
         raise TypeError(
             f"config must be a DeltaLoRAConfig (got {type(config).__name__}); "
@@ -133,7 +134,7 @@ class DeltaLoRAUpdater:
     """Applies W += λ·s·(B'A' − BA) around each optimizer step of a Delta-LoRA model."""
 
     def __init__(self, model: nn.Module) -> None:
-        lora._check_model(model)
+        lora.check_model(model)
         config = getattr(model, CONFIG_ATTRIBUTE, None)
         layers = delta_lora_layers(model)
         if config is None or not layers:

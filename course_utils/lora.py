@@ -36,11 +36,13 @@ initialisation and scaling, so the two give the same outputs for the same A and 
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+from .checks import flag, fraction, positive_int, positive_number
 
 __all__ = [
     "LoRALinear",
@@ -62,44 +64,7 @@ __all__ = [
 # Argument checks: one sentence saying what is wrong and what to do.
 
 
-def _check_rank(r: object) -> int:
-    """Return r as an int if it is a positive integer, else raise."""
-    message = f"r must be a positive integer (got {r!r}); try r=8."
-    if isinstance(r, bool) or not isinstance(r, Integral):
-        raise TypeError(message)
-    if r <= 0:
-        raise ValueError(message)
-    return int(r)
-
-
-def _check_alpha(alpha: object) -> float:
-    """Return alpha as a float if it is a positive finite number, else raise."""
-    message = f"alpha must be a positive number (got {alpha!r}); try alpha=2*r, e.g. alpha=16."
-    if isinstance(alpha, bool) or not isinstance(alpha, Real):
-        raise TypeError(message)
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(message)
-    return float(alpha)
-
-
-def _check_dropout(dropout: object) -> float:
-    """Return dropout as a float if it lies in [0, 1), else raise."""
-    message = f"dropout must be a number in [0, 1) (got {dropout!r}); try dropout=0.05 or 0.0."
-    if isinstance(dropout, bool) or not isinstance(dropout, Real):
-        raise TypeError(message)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(message)
-    return float(dropout)
-
-
-def _check_bool(value: object, name: str) -> bool:
-    """Return value if it is a bool, else raise."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False (got {value!r}); pass {name}=False.")
-    return value
-
-
-def _check_model(model: object) -> nn.Module:
+def check_model(model: object) -> nn.Module:
     """Return model if it is an nn.Module, else raise."""
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -109,7 +74,7 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _check_target_modules(target_modules: object) -> list[str]:
+def check_target_modules(target_modules: object) -> list[str]:
     """Return target_modules as a list of non-empty strings, else raise."""
     if isinstance(target_modules, str):
         raise TypeError(
@@ -148,10 +113,10 @@ def check_lora_layer(
             f"base.weight has dtype {base.weight.dtype}, but LoRALinear needs a floating-point "
             "weight; use PEFT for quantized (QLoRA) layers."
         )
-    _check_rank(r)
-    _check_alpha(alpha)
-    _check_dropout(dropout)
-    _check_bool(use_rslora, "use_rslora")
+    positive_int(r, "r", "r=8")
+    positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16")
+    fraction(dropout, "dropout", "dropout=0.05 or 0.0")
+    flag(use_rslora, "use_rslora")
 
 
 # The layer: lesson 02 writes this class in its own cell (tests/notebooks/test_from_scratch.py
@@ -223,7 +188,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of W (W <- W - delta); needs A and B unchanged since."""
+        """Take the update back out of W (W <- W - delta), with A and B as they were at merge."""
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged; call merge() first.")
         self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
@@ -272,11 +237,17 @@ def inject_lora(
     The arguments checked, the layers whose names end with a target are handed to `add_lora`
     (lesson 02 writes it, and `LoRALinear`, in its own cells).
     """
-    _check_model(model)
-    targets = _check_target_modules(target_modules)
+    check_model(model)
+    targets = check_target_modules(target_modules)
     # Check the hyperparameters once here, so a bad value fails before the model is touched.
-    r, alpha = _check_rank(r), _check_alpha(alpha)
-    dropout, use_rslora = _check_dropout(dropout), _check_bool(use_rslora, "use_rslora")
+    r, alpha = (
+        positive_int(r, "r", "r=8"),
+        positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16"),
+    )
+    dropout, use_rslora = (
+        fraction(dropout, "dropout", "dropout=0.05 or 0.0"),
+        flag(use_rslora, "use_rslora"),
+    )
 
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [n for n, _ in linears if _matches(n, targets)]
@@ -321,12 +292,12 @@ def lora_parameter_count(d_out: int, d_in: int, r: int) -> int:
             raise ValueError(
                 f"{name} must be a positive integer (got {value!r}); pass a layer size."
             )
-    return _check_rank(r) * (int(d_in) + int(d_out))
+    return positive_int(r, "r", "r=8") * (int(d_in) + int(d_out))
 
 
 def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """Return (trainable, total) numbers of parameters; shared tensors count once."""
-    _check_model(model)
+    check_model(model)
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
@@ -345,7 +316,7 @@ def unmerge_lora(model: nn.Module) -> list[str]:
 
 def _set_merged(model: nn.Module, merged: bool) -> list[str]:
     """Bring every LoRALinear of the model to the given merged state."""
-    layers = _lora_layers(_check_model(model))
+    layers = _lora_layers(check_model(model))
     if not layers:
         raise ValueError(
             "this model has no LoRALinear layers; "
@@ -368,8 +339,11 @@ def _set_merged(model: nn.Module, merged: bool) -> list[str]:
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """The factor in front of B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
-    r, alpha = _check_rank(r), _check_alpha(alpha)
-    return alpha / (math.sqrt(r) if _check_bool(use_rslora, "use_rslora") else r)
+    r, alpha = (
+        positive_int(r, "r", "r=8"),
+        positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16"),
+    )
+    return alpha / (math.sqrt(r) if flag(use_rslora, "use_rslora") else r)
 
 
 def lora_parameter_table(
@@ -379,7 +353,7 @@ def lora_parameter_table(
 
     `layers` maps a name to an nn.Linear or to a (d_out, d_in) pair (the shape of its weight).
     """
-    r = _check_rank(r)
+    r = positive_int(r, "r", "r=8")
     if not isinstance(layers, dict) or not layers:
         raise ValueError(
             "layers must be a non-empty dict of name -> nn.Linear or (d_out, d_in); "
@@ -415,13 +389,13 @@ def copy_lora_weights_to_peft(
     model: nn.Module, peft_model: nn.Module, adapter_name: str = "default"
 ) -> list[str]:
     """Copy A and B of every LoRALinear into the same-named PEFT LoRA layer; return the names."""
-    ours = _lora_layers(_check_model(model))
+    ours = _lora_layers(check_model(model))
     if not ours:
         raise ValueError(
             "model has no LoRALinear layers; call inject_lora(model, target_modules, r, alpha) first."
         )
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    theirs = {n: m for n, m in _check_model(base).named_modules() if isinstance(m, LoraLayer)}
+    theirs = {n: m for n, m in check_model(base).named_modules() if isinstance(m, LoraLayer)}
     missing = [n for n, _ in ours if n not in theirs]
     if missing:
         raise ValueError(
@@ -469,8 +443,11 @@ def first_step_update_norm(
     `seed`, so the number depends only on r, alpha and the scaling rule. Adam's first step moves
     every entry of B by about lr, so the result does not depend on lr.
     """
-    r, alpha = _check_rank(r), _check_alpha(alpha)
-    use_rslora = _check_bool(use_rslora, "use_rslora")
+    r, alpha = (
+        positive_int(r, "r", "r=8"),
+        positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16"),
+    )
+    use_rslora = flag(use_rslora, "use_rslora")
     for name, value in (("d_in", d_in), ("d_out", d_out), ("tokens", tokens)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
             raise ValueError(

@@ -308,29 +308,22 @@ def _hub_cache() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _grade_job(
-    job: _Job,
-    base: Path,
-    work: Path,
-    exercises: list[Exercise],
-    hidden: list[Path],
-    cell_timeout: float,
-    student_timeout: float,
-    max_output: int,
-    logs: Path,
-) -> list[GradeRow]:
-    """Grade one student's assignment in its own course folder and subprocess."""
-    mine = [e for e in exercises if e.assignment == job.assignment]
+def _job_folder(job: _Job, base: Path, work: Path) -> Path:
+    """A course folder of the student's own: the released files, their notebooks, a scratch."""
     root = work / f"{job.student_id}__{job.assignment}"
     shutil.copytree(base, root)
-    scratch = root / "scratch"
     for sub in ("home", "tmp", "ipython", "mpl", "runtime", "cache"):
-        (scratch / sub).mkdir(parents=True, exist_ok=True)
+        (root / "scratch" / sub).mkdir(parents=True, exist_ok=True)
     submitted = root / "submitted" / job.student_id / job.assignment
     submitted.mkdir(parents=True)
     for stem, path in job.notebooks.items():
         shutil.copy2(path, submitted / f"{stem}.ipynb")
-    env = {
+    return root
+
+
+def _worker_env(scratch: Path, hidden: list[Path], work: Path) -> dict[str, str]:
+    """The worker's environment: every writable place in its scratch, the sandbox's settings."""
+    return {
         **os.environ,
         "HOME": str(scratch / "home"),
         "TMPDIR": str(scratch / "tmp"),
@@ -351,23 +344,17 @@ def _grade_job(
         # the solutions, the gradebook and other learners' notebooks; its own folders stay open
         SANDBOX_HIDDEN: os.pathsep.join(str(p) for p in [*hidden, work]),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "course_tools.grading",
-        "_worker",
-        str(root),
-        job.assignment,
-        job.student_id,
-        "--cell-timeout",
-        str(cell_timeout),
-        "--max-output-bytes",
-        str(max_output),
-    ]
-    log_path = root / "worker.log"
-    started = time.monotonic()
+
+
+def _run_worker(
+    job: _Job, root: Path, env: dict, cell_timeout: float, student_timeout: float, max_output: int
+) -> tuple[str, int | None]:
+    """Run the `_worker` subprocess for one job; return (what went wrong or "", its exit code)."""
+    command = [sys.executable, "-m", "course_tools.grading", "_worker", str(root)]
+    command += [job.assignment, job.student_id, "--cell-timeout", str(cell_timeout)]
+    command += ["--max-output-bytes", str(max_output)]
     failure = ""
-    with open(log_path, "wb") as log:
+    with open(root / "worker.log", "wb") as log:
         process = subprocess.Popen(
             command,
             cwd=root,
@@ -388,27 +375,45 @@ def _grade_job(
         finally:
             kill_group(process, root)
             process.wait()
-    seconds = time.monotonic() - started
-    result = {}
-    if not failure:
-        try:
-            result = json.loads((root / "result.json").read_text())
-        except (OSError, ValueError):
-            tail = log_path.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
-            failure = "the grader crashed: " + (
-                tail[-1] if tail else f"exit code {process.returncode}"
-            )
-    if result and not result["autograde"].get("success"):
-        failure = "nbgrader could not grade it: " + _last_error(result["autograde"])
+    return failure, process.returncode
+
+
+def _read_result(root: Path, failure: str, returncode: int | None) -> tuple[dict, str]:
+    """The worker's result.json and what went wrong, if anything."""
+    if failure:
+        return {}, failure
+    try:
+        result = json.loads((root / "result.json").read_text())
+    except (OSError, ValueError):
+        tail = (root / "worker.log").read_bytes()[-2000:].decode(errors="replace").strip()
+        lines = tail.splitlines()
+        return {}, "the grader crashed: " + (lines[-1] if lines else f"exit code {returncode}")
+    if not result["autograde"].get("success"):
+        return result, "nbgrader could not grade it: " + _last_error(result["autograde"])
+    return result, ""
+
+
+def _keep_logs(job: _Job, root: Path, logs: Path) -> list[str]:
+    """Keep the end of the worker's log and the feedback; return what the sandbox blocked."""
+    log_path = root / "worker.log"
     with open(log_path, "rb") as log:  # the end of it: a flood may have gone there too
         log.seek(max(0, log_path.stat().st_size - 200_000))
         (logs / f"{job.student_id}__{job.assignment}.log").write_bytes(log.read())
-    blocked_log = scratch / "blocked.log"
-    blocked = []
-    if blocked_log.is_file():
-        lines = blocked_log.read_bytes()[:20_000].decode(errors="replace").splitlines()
-        blocked = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
     feedback = root / "feedback" / job.student_id / job.assignment
+    if feedback.is_dir():
+        target = logs.parent / "feedback" / job.student_id / job.assignment
+        shutil.copytree(feedback, target, dirs_exist_ok=True)
+    blocked_log = root / "scratch" / "blocked.log"
+    if not blocked_log.is_file():
+        return []
+    lines = blocked_log.read_bytes()[:20_000].decode(errors="replace").splitlines()
+    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+
+
+def _score_rows(
+    job: _Job, mine: list[Exercise], result: dict, failure: str, blocked: list[str]
+) -> list[GradeRow]:
+    """One grades.csv row per exercise of the assignment, from the worker's result."""
     rows = []
     for exercise in mine:
         notebook = result.get("notebooks", {}).get(exercise.notebook, {})
@@ -428,9 +433,29 @@ def _grade_job(
         note = f"the grader blocked {len(blocked)} action(s): " + "; ".join(blocked[:3])
         for row in rows:
             row.reason = "; ".join(p for p in [row.reason, note] if p)
-    if feedback.is_dir():
-        target = logs.parent / "feedback" / job.student_id / job.assignment
-        shutil.copytree(feedback, target, dirs_exist_ok=True)
+    return rows
+
+
+def _grade_job(
+    job: _Job,
+    base: Path,
+    work: Path,
+    exercises: list[Exercise],
+    hidden: list[Path],
+    cell_timeout: float,
+    student_timeout: float,
+    max_output: int,
+    logs: Path,
+) -> list[GradeRow]:
+    """Grade one student's assignment in its own course folder and subprocess."""
+    mine = [e for e in exercises if e.assignment == job.assignment]
+    started = time.monotonic()
+    root = _job_folder(job, base, work)
+    env = _worker_env(root / "scratch", hidden, work)
+    failure, code = _run_worker(job, root, env, cell_timeout, student_timeout, max_output)
+    seconds = time.monotonic() - started
+    result, failure = _read_result(root, failure, code)
+    rows = _score_rows(job, mine, result, failure, _keep_logs(job, root, logs))
     shutil.rmtree(root, ignore_errors=True)
     total = sum(r.score for r in rows)
     print(
@@ -487,47 +512,23 @@ def grade_submissions(
     reason, and the batch goes on. ``assignments`` limits grading to those assignments
     (default: every assignment at least one student handed a notebook in for).
     """
-    submissions = check_dir(submissions, "submissions")
-    solutions = check_dir(solutions, "solutions")
-    exercises_dir = check_dir(exercises, "exercises", must_exist=False)
-    out = check_dir(out, "out", must_exist=False)
     positive_number(cell_timeout, "cell_timeout", "cell_timeout=60")
     positive_number(student_timeout, "student_timeout", "student_timeout=60")
     positive_int(max_output_bytes, "max_output_bytes", "max_output_bytes=200_000")
     positive_int(jobs, "jobs", "jobs=2")
+    submissions, solutions, exercises_dir, out = _checked_folders(
+        submissions, solutions, exercises, out
+    )
     protected = [solutions, exercises_dir, submissions]
-    for folder in protected:
-        if out == folder or folder in out.parents:
-            raise ValueError(f"out must not lie inside {folder}; e.g. --out outputs/grading.")
-
     all_exercises = list_exercises(solutions)
     stems = {e.notebook: e.assignment for e in all_exercises}
     students, student_notes, notes = _collect(submissions, stems)
-    if assignments is None:
-        wanted = sorted({stems[s] for found in students.values() for s in found})
-    else:
-        unknown = sorted(set(assignments) - set(stems.values()))
-        if unknown:
-            raise ValueError(
-                f"unknown assignments {unknown}; choose from {sorted(set(stems.values()))}."
-            )
-        wanted = sorted(set(assignments))
+    wanted = _wanted_assignments(assignments, stems, students)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-
-    snapshot = take_snapshot(protected)
-    digest = snapshot_digest(snapshot)
-    lock = threading.Lock()
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    for old in (logs, out / "feedback"):
-        shutil.rmtree(old, ignore_errors=True)
-    logs.mkdir()
-    hidden = [solutions, submissions]
-    git = solutions.parent / ".git"
-    if git.exists():
-        hidden.append(git)
-
+    guard = _Guard(protected)
+    logs = _fresh_logs(out)
+    hidden = [solutions, submissions] + [p for p in [solutions.parent / ".git"] if p.exists()]
     with tempfile.TemporaryDirectory(prefix="course-grading-") as tmp:
         work = Path(tmp)
         base = work / "base"
@@ -535,76 +536,126 @@ def grade_submissions(
         print(f"Preparing {', '.join(wanted) or 'nothing'} from {solutions} ...", flush=True)
         if wanted:
             generate_into(base, solutions, wanted)
-        staged = work / "staged"
-        ids = _safe_ids(students)
-        jobs_list = []
-        for student, found in students.items():
-            for assignment in wanted:
-                mine = {}
-                job_notes = list(student_notes[student])
-                for stem, path in found.items():
-                    if stems[stem] != assignment:
-                        continue
-                    target = staged / ids[student] / f"{stem}.ipynb"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, target)
-                    problem = _unreadable(target)
-                    if problem:
-                        job_notes.append(f"{path.name} is not a valid notebook ({problem})")
-                        continue
-                    job_notes += _repair_file(target, base / "exercises" / assignment / target.name)
-                    mine[stem] = target
-                if student != ids[student]:
-                    job_notes.append(f"graded as {ids[student]!r}")
-                jobs_list.append(_Job(student, ids[student], assignment, mine, job_notes))
-        rows: list[GradeRow] = []
+        staged = _stage_jobs(students, student_notes, wanted, stems, work / "staged", base)
 
         def run(job: _Job) -> list[GradeRow]:
+            """Grade one job, then put back any instructor's file it changed."""
             if not job.notebooks:
-                invalid = any("not a valid notebook" in note for note in job.notes)
-                status = "error" if invalid else "missing"
-                reason = "" if invalid else "no notebook handed in"
-                mine = [e for e in all_exercises if e.assignment == job.assignment]
-                return [_row(job, e, 0, status, reason) for e in mine]
-            result = _grade_job(
-                job,
-                base,
-                work,
-                all_exercises,
-                hidden,
-                cell_timeout,
-                student_timeout,
-                max_output_bytes,
-                logs,
-            )
-            with lock:
-                if snapshot_digest(take_snapshot(protected)) != digest:
-                    changed = restore(snapshot, protected)
-                    warning = (
-                        "WARNING: the instructor's files changed while this notebook was graded "
-                        f"and were restored ({'; '.join(changed[:3])})"
-                    )
-                    for row in result:
-                        row.reason = "; ".join(p for p in [row.reason, warning] if p)
-            return result
+                return _ungraded_rows(job, all_exercises)
+            limits = (cell_timeout, student_timeout, max_output_bytes)
+            args = (job, base, work, all_exercises, hidden, *limits, logs)
+            return guard.check(_grade_job(*args))
 
-        print(f"Grading {len(jobs_list)} submission(s), {jobs} at a time:", flush=True)
+        print(f"Grading {len(staged)} submission(s), {jobs} at a time:", flush=True)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for result in pool.map(run, jobs_list):
-                rows.extend(result)
+            rows = [row for result in pool.map(run, staged) for row in result]
+    _write_grades(out, rows)
+    guard.check([])
+    return rows
 
+
+def _checked_folders(submissions, solutions, exercises, out) -> tuple[Path, Path, Path, Path]:
+    """The four folders as resolved paths; `out` may not lie inside the others."""
+    submissions = check_dir(submissions, "submissions")
+    solutions = check_dir(solutions, "solutions")
+    exercises = check_dir(exercises, "exercises", must_exist=False)
+    out = check_dir(out, "out", must_exist=False)
+    for folder in (solutions, exercises, submissions):
+        if out == folder or folder in out.parents:
+            raise ValueError(f"out must not lie inside {folder}; e.g. --out outputs/grading.")
+    return submissions, solutions, exercises, out
+
+
+def _wanted_assignments(assignments, stems: dict[str, str], students: dict) -> list[str]:
+    """The assignments to grade: those asked for, or every one somebody handed a notebook in for."""
+    if assignments is None:
+        return sorted({stems[s] for found in students.values() for s in found})
+    unknown = sorted(set(assignments) - set(stems.values()))
+    if unknown:
+        raise ValueError(
+            f"unknown assignments {unknown}; choose from {sorted(set(stems.values()))}."
+        )
+    return sorted(set(assignments))
+
+
+def _fresh_logs(out: Path) -> Path:
+    """Make `out`, empty its logs/ and feedback/, and return logs/."""
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    for old in (logs, out / "feedback"):
+        shutil.rmtree(old, ignore_errors=True)
+    logs.mkdir()
+    return logs
+
+
+def _stage_jobs(students, student_notes, wanted, stems, staged: Path, base: Path) -> list[_Job]:
+    """Copy each student's notebooks per assignment, repaired from the released version."""
+    ids = _safe_ids(students)
+    jobs = []
+    for student, found in students.items():
+        for assignment in wanted:
+            mine = {}
+            notes = list(student_notes[student])
+            for stem, path in found.items():
+                if stems[stem] != assignment:
+                    continue
+                target = staged / ids[student] / f"{stem}.ipynb"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+                problem = _unreadable(target)
+                if problem:
+                    notes.append(f"{path.name} is not a valid notebook ({problem})")
+                    continue
+                notes += _repair_file(target, base / "exercises" / assignment / target.name)
+                mine[stem] = target
+            if student != ids[student]:
+                notes.append(f"graded as {ids[student]!r}")
+            jobs.append(_Job(student, ids[student], assignment, mine, notes))
+    return jobs
+
+
+def _ungraded_rows(job: _Job, exercises: list[Exercise]) -> list[GradeRow]:
+    """Rows for an assignment with no readable notebook: missing, or an error if unreadable."""
+    invalid = any("not a valid notebook" in note for note in job.notes)
+    status = "error" if invalid else "missing"
+    reason = "" if invalid else "no notebook handed in"
+    mine = [e for e in exercises if e.assignment == job.assignment]
+    return [_row(job, e, 0, status, reason) for e in mine]
+
+
+class _Guard:
+    """The instructor's folders as they were before the batch, restored whenever they change."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.folders = folders
+        self.snapshot = take_snapshot(folders)
+        self.digest = snapshot_digest(self.snapshot)
+        self.lock = threading.Lock()
+
+    def check(self, rows: list[GradeRow]) -> list[GradeRow]:
+        """Restore any change and add a warning to the rows of the job that made it."""
+        with self.lock:
+            if snapshot_digest(take_snapshot(self.folders)) == self.digest:
+                return rows
+            changed = restore(self.snapshot, self.folders)
+        warning = (
+            "WARNING: the instructor's files changed while this notebook was graded "
+            f"and were restored ({'; '.join(changed[:3])})"
+        )
+        for row in rows:
+            row.reason = "; ".join(p for p in [row.reason, warning] if p)
+        return rows
+
+
+def _write_grades(out: Path, rows: list[GradeRow]) -> None:
+    """Write grades.csv, sorted by student, assignment and notebook."""
     rows.sort(key=lambda r: (r.student, r.assignment, r.notebook))
     with open(out / "grades.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow(row.as_dict())
-    if (
-        snapshot_digest(take_snapshot(protected)) != digest
-    ):  # pragma: no cover - the per-job check restores
-        restore(snapshot, protected)
     print(f"Wrote {out / 'grades.csv'} ({len(rows)} rows) and feedback in {out / 'feedback'}.")
-    return rows
 
 
 def _repair_file(path: Path, released: Path) -> list[str]:

@@ -107,143 +107,172 @@ def install_sandbox(
     or renaming a writable folder itself (not just what is inside it) is refused too. Python
     cannot take an audit hook back, so this lasts until the process ends.
     """
-
-    def from_env(name: str) -> list[str]:
-        return [p for p in os.environ.get(name, "").split(os.pathsep) if p]
-
     for value, name in ((writable, "writable"), (hidden, "hidden")):
         if isinstance(value, str | bytes | os.PathLike) or not (
             value is None or isinstance(value, Sequence)
         ):
             raise TypeError(f"{name} must be a list of folders, got {value!r}; e.g. [os.getcwd()].")
     if writable is None:
-        writable = [os.getcwd(), *from_env(SANDBOX_WRITABLE)]
+        writable = [os.getcwd(), *_from_env(SANDBOX_WRITABLE)]
     if hidden is None:
-        hidden = from_env(SANDBOX_HIDDEN)
-    log_path = os.environ.get(SANDBOX_LOG, "")
-    roots = tuple(os.path.realpath(os.fspath(p)) for p in writable)
-    secret = tuple(os.path.realpath(os.fspath(p)) for p in hidden)
-    allowed_devices = ("/dev/null", "/dev/zero", "/dev/tty", "/dev/stdout", "/dev/stderr")
-    busy = threading.local()
-    own_pid = os.getpid()
+        hidden = _from_env(SANDBOX_HIDDEN)
+    guard = _AuditGuard(writable, hidden, os.environ.get(SANDBOX_LOG, ""))
+    sys.addaudithook(guard.hook)
+    _refuse_os_exit(guard)
+    return list(guard.roots), list(guard.secret)
 
-    def within(path: str, folders: tuple[str, ...], strictly: bool) -> bool:
-        for folder in folders:
-            if path == folder:
-                if not strictly:
-                    return True
-            elif path.startswith(folder.rstrip(os.sep) + os.sep):
+
+def _from_env(name: str) -> list[str]:
+    """The folders an environment variable lists (os.pathsep-separated)."""
+    return [p for p in os.environ.get(name, "").split(os.pathsep) if p]
+
+
+def _within(path: str, folders: tuple[str, ...], strictly: bool) -> bool:
+    """Whether `path` lies inside one of `folders` (or is one of them, unless `strictly`)."""
+    for folder in folders:
+        if path == folder:
+            if not strictly:
                 return True
-        return False
+        elif path.startswith(folder.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
-    def resolve(path: object, dir_fd: object = None, follow: bool = True) -> str | None:
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        elif isinstance(path, os.PathLike):
-            path = os.fspath(path)
-            path = os.fsdecode(path) if isinstance(path, bytes) else path
-        if isinstance(path, int):
-            return _fd_path(path)
-        if not isinstance(path, str):
+
+def _resolve(path: object, dir_fd: object = None, follow: bool = True) -> str | None:
+    """The real absolute path an audit event's path argument names (None if it names none)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    elif isinstance(path, os.PathLike):
+        path = os.fspath(path)
+        path = os.fsdecode(path) if isinstance(path, bytes) else path
+    if isinstance(path, int):
+        return _fd_path(path)
+    if not isinstance(path, str):
+        return None
+    if path == ":memory:" or path.startswith("file::memory:"):
+        return ":memory:"
+    if not os.path.isabs(path):
+        no_fd = dir_fd is None or (isinstance(dir_fd, int) and dir_fd < 0)  # -1: none given
+        base = os.getcwd() if no_fd else _fd_path(dir_fd)
+        if base is None:
             return None
-        if path == ":memory:" or path.startswith("file::memory:"):
-            return ":memory:"
-        if not os.path.isabs(path):
-            no_fd = dir_fd is None or (isinstance(dir_fd, int) and dir_fd < 0)  # -1: none given
-            base = os.getcwd() if no_fd else _fd_path(dir_fd)
-            if base is None:
-                return None
-            path = os.path.join(base, path)
-        if follow:
-            return os.path.realpath(path)
-        head, tail = os.path.split(os.path.abspath(path))
-        return os.path.join(os.path.realpath(head), tail)
+        path = os.path.join(base, path)
+    if follow:
+        return os.path.realpath(path)
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(head), tail)
 
-    def hidden_path(path: str | None) -> bool:
+
+class _AuditGuard:
+    """The audit hook's state and its decisions: what may be written, read, started, signalled."""
+
+    ALLOWED_DEVICES = ("/dev/null", "/dev/zero", "/dev/tty", "/dev/stdout", "/dev/stderr")
+
+    def __init__(self, writable, hidden, log_path: str) -> None:
+        self.roots = tuple(os.path.realpath(os.fspath(p)) for p in writable)
+        self.secret = tuple(os.path.realpath(os.fspath(p)) for p in hidden)
+        self.log_path = log_path
+        self.busy = threading.local()
+        self.own_pid = os.getpid()
+
+    def hidden_path(self, path: str | None) -> bool:
         """Inside a hidden folder and not inside a writable one (those stay readable)."""
         return bool(
             path
-            and secret
-            and within(path, secret, strictly=False)
-            and not within(path, roots, strictly=False)
+            and self.secret
+            and _within(path, self.secret, strictly=False)
+            and not _within(path, self.roots, strictly=False)
         )
 
-    def refuse(what: str) -> None:
-        if log_path:  # tell the grader even if the notebook catches the error
+    def refuse(self, what: str) -> None:
+        """Note `what` in the grader's log, then raise PermissionError saying it was blocked."""
+        if self.log_path:  # tell the grader even if the notebook catches the error
             try:
-                with open(log_path, "a", encoding="utf-8") as log:
+                with open(self.log_path, "a", encoding="utf-8") as log:
                     log.write(what.replace("\n", " ")[:300] + "\n")
             except OSError:
                 pass
         raise PermissionError(f"the grader blocked {what}: graded notebooks may not do that.")
 
-    def check_write(path: str | None, what: str, strictly: bool = False) -> None:
-        if path == ":memory:" or (path in allowed_devices):
+    def check_write(self, path: str | None, what: str, strictly: bool = False) -> None:
+        """Refuse a write outside the writable folders (a few devices excepted)."""
+        if path == ":memory:" or (path in self.ALLOWED_DEVICES):
             return
-        if path is None or not within(path, roots, strictly=strictly):
-            refuse(f"{what} {path!r} (outside this notebook's folder)")
+        if path is None or not _within(path, self.roots, strictly=strictly):
+            self.refuse(f"{what} {path!r} (outside this notebook's folder)")
 
-    def hook(event: str, args: tuple) -> None:
-        if getattr(busy, "active", False):
+    def hook(self, event: str, args: tuple) -> None:
+        """The audit hook: each event to its check (never re-entered by the checks' own calls)."""
+        if getattr(self.busy, "active", False):
             return
-        busy.active = True
+        self.busy.active = True
         try:
             if event in _SPAWN_EVENTS:
-                refuse(f"starting a process ({event})")
+                self.refuse(f"starting a process ({event})")
             elif event in ("os.kill", "os.killpg", "signal.pthread_kill"):
-                harmless = (0, signal.SIGINT)  # "are you alive?" and "interrupt yourself"
-                own = event == "signal.pthread_kill" or (event == "os.kill" and args[0] == own_pid)
-                if not (own and len(args) > 1 and args[1] in harmless):
-                    refuse(f"sending a signal ({event}{tuple(args)})")
+                self.on_signal(event, args)
             elif event == "open":
-                path, mode, flags = (tuple(args) + (None, None, 0))[:3]
-                if isinstance(path, int):
-                    return
-                writing = bool(mode and any(c in str(mode) for c in "wax+")) or bool(
-                    (flags or 0) & _WRITE_FLAGS
-                )
-                target = resolve(path)
-                if hidden_path(target):
-                    refuse(f"reading {target!r}")
-                if writing:
-                    if mode is None and isinstance(path, str | bytes) and not os.path.isabs(path):
-                        refuse(f"os.open of the relative path {path!r} for writing")
-                    check_write(target, "writing")
+                self.on_open(args)
             elif event in _PATH_EVENTS:
-                follow = event in ("sqlite3.connect", "os.truncate", "shutil.copyfile")
-                for index, fd_index in _PATH_EVENTS[event]:
-                    if index >= len(args):
-                        continue
-                    dir_fd = (
-                        args[fd_index] if fd_index is not None and fd_index < len(args) else None
-                    )
-                    target = resolve(args[index], dir_fd, follow=follow)
-                    check_write(target, event, strictly=event in _REMOVE_EVENTS)
+                self.on_path_event(event, args)
             elif event in _READ_EVENTS and args:
-                target = resolve(args[0])
-                if hidden_path(target):
-                    refuse(f"listing {target!r}")
+                target = _resolve(args[0])
+                if self.hidden_path(target):
+                    self.refuse(f"listing {target!r}")
         finally:
-            busy.active = False
+            self.busy.active = False
 
-    sys.addaudithook(hook)
+    def on_signal(self, event: str, args: tuple) -> None:
+        """Only "are you alive?" and "interrupt yourself" to this very process pass."""
+        harmless = (0, signal.SIGINT)
+        own = event == "signal.pthread_kill" or (event == "os.kill" and args[0] == self.own_pid)
+        if not (own and len(args) > 1 and args[1] in harmless):
+            self.refuse(f"sending a signal ({event}{tuple(args)})")
 
+    def on_open(self, args: tuple) -> None:
+        """Refuse opening a hidden file, or any file outside the writable folders for writing."""
+        path, mode, flags = (tuple(args) + (None, None, 0))[:3]
+        if isinstance(path, int):
+            return
+        writing = bool(mode and any(c in str(mode) for c in "wax+")) or bool(
+            (flags or 0) & _WRITE_FLAGS
+        )
+        target = _resolve(path)
+        if self.hidden_path(target):
+            self.refuse(f"reading {target!r}")
+        if writing:
+            if mode is None and isinstance(path, str | bytes) and not os.path.isabs(path):
+                self.refuse(f"os.open of the relative path {path!r} for writing")
+            self.check_write(target, "writing")
+
+    def on_path_event(self, event: str, args: tuple) -> None:
+        """Check every path argument of an event that changes files (rename, remove, ...)."""
+        follow = event in ("sqlite3.connect", "os.truncate", "shutil.copyfile")
+        for index, fd_index in _PATH_EVENTS[event]:
+            if index >= len(args):
+                continue
+            dir_fd = args[fd_index] if fd_index is not None and fd_index < len(args) else None
+            target = _resolve(args[index], dir_fd, follow=follow)
+            self.check_write(target, event, strictly=event in _REMOVE_EVENTS)
+
+
+def _refuse_os_exit(guard: _AuditGuard) -> None:
+    """Replace os._exit (no audit event to catch: a killed kernel would lose every grade)."""
     real_exit = os._exit
 
     def refuse_exit(*args: object, **kwargs: object) -> None:
         caller = sys._getframe(1).f_globals.get("__name__", "")
         if caller.startswith("ipykernel."):  # its parent poller ends an orphaned kernel
             real_exit(*args, **kwargs)
-        refuse("ending the process with os._exit")
+        guard.refuse("ending the process with os._exit")
 
-    os._exit = refuse_exit  # no audit event to catch: a killed kernel would lose every grade
+    os._exit = refuse_exit
     try:
         import posix
 
         posix._exit = refuse_exit
     except ImportError:  # pragma: no cover - Windows
         pass
-    return list(roots), list(secret)
 
 
 def limit_resources() -> None:

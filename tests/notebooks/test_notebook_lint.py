@@ -78,7 +78,7 @@ def test_lint_catches_a_missing_check_cell_and_bad_json(good, tmp_path):
         nb.cells = copy.deepcopy(nb.cells[:-1])
 
     _rewrite(good, change)
-    assert any("assert" in p for p in lint_notebook(good, root=good.parent.parent))
+    assert any("claims.report()" in p for p in lint_notebook(good, root=good.parent.parent))
     broken = tmp_path / "notebooks" / "01_broken.ipynb"
     broken.write_text("{ not json")
     assert lint_notebook(broken, root=tmp_path)[0].startswith("not a valid notebook")

@@ -232,3 +232,18 @@ def test_the_checks_catch_a_planted_circle_a_private_name_and_a_late_import(tmp_
         if r["in_function"]
     ]
     assert late == [("json", False), ("course_utils", False)]
+
+
+def test_grading_is_split_by_job_in_short_functions():
+    """Configuration, generation, the sandbox and a batch each have a module; no function is long."""
+    folder = ROOT / "course_tools" / "grading"
+    assert {"config.py", "generate.py", "sandbox.py", "batch.py", "__main__.py"} <= {
+        p.name for p in folder.glob("*.py")
+    }
+    long = [
+        f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in folder.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 65
+    ]
+    assert long == []

@@ -1,7 +1,5 @@
 """Tests for course_utils.quant: the from-scratch code must agree with bitsandbytes and gguf."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -279,53 +277,3 @@ def test_block_size_must_fit_where_the_format_requires_it():
         Q.double_dequantize_absmax(q8, absmax2, offset, block_size=128)
     with pytest.raises(ValueError, match="shape"):
         Q.q4_1_dequantize(*Q.q4_1_quantize(torch.randn(2, 64)), (3, 64))
-
-
-# ------------------------------------------------------------------------------ lesson 03
-
-
-def _lesson_function(name):
-    """Run the notebook cell of lesson 03 that defines `name` and return the function."""
-    import nbformat
-
-    path = Path(__file__).resolve().parents[2] / "notebooks" / "03_quantization.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    sources = [
-        c.source for c in notebook.cells if c.cell_type == "code" and f"def {name}(" in c.source
-    ]
-    assert len(sources) == 1, f"expected one cell defining {name} in {path.name}"
-    namespace = {"torch": torch}
-    exec(sources[0], namespace)  # the cell holds only imports and the definition
-    return namespace[name]
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_lesson_absmax_int8_equals_the_package(seed):
-    absmax_int8 = _lesson_function("absmax_int8")
-    torch.manual_seed(seed)
-    x = torch.randn(33, 70) * 0.05
-    x[3, 4] = 1.5  # an outlier sets the scale
-    q, scale = absmax_int8(x)
-    q_ref, scale_ref = Q.absmax_quantize(x, bits=8)
-    assert q.dtype == torch.int8
-    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
-
-
-@pytest.mark.parametrize("shift", [-0.5, 0.0, 0.25, 3.0])
-def test_lesson_zeropoint_uint8_equals_the_package(shift):
-    zeropoint_uint8 = _lesson_function("zeropoint_uint8")
-    torch.manual_seed(7)
-    x = torch.rand(1000) * 4 + shift  # one-sided, straddling zero, or all positive
-    q, scale, zero_point = zeropoint_uint8(x)
-    q_ref, scale_ref, zero_point_ref = Q.zeropoint_quantize(x)
-    assert q.dtype == torch.uint8
-    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
-    assert int(zero_point) == int(zero_point_ref)
-
-
-def test_lesson_nf4_codebook_equals_the_package_and_bitsandbytes():
-    nf4_codebook_from_scratch = _lesson_function("nf4_codebook_from_scratch")
-    code = nf4_codebook_from_scratch()
-    assert torch.equal(code, Q.nf4_codebook())
-    assert torch.equal(code, bnb_functional.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(nf4_codebook_from_scratch(0.95), Q.nf4_codebook(0.95))
