@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["flag", "fraction", "one_of", "positive_int", "positive_number"]
+__all__ = ["WrongType", "flag", "fraction", "one_of", "positive_int", "positive_number"]
+
+
+class WrongType(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError, and a ValueError for code that catches those."""
 
 
 def positive_int(value: object, name: str, example: str) -> int:
     """Return `value` if it is an integer > 0, else raise saying what to pass (`example`)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer (got {value!r}); try {example}.")
+    message = f"{name} must be a positive integer (got {value!r}); try {example}."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WrongType(message)
+    if value <= 0:
+        raise ValueError(message)
     return value
 
 
 def positive_number(value: object, name: str, example: str) -> float:
     """Return `value` as a float if it is a finite number > 0, else raise saying what to pass."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number (got {value!r}); try {example}.")
+    message = f"{name} must be a positive number (got {value!r}); try {example}."
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WrongType(message)
+    if not value > 0:
+        raise ValueError(message)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite (got {value!r}); try {example}.")
     return float(value)
@@ -43,13 +53,16 @@ def one_of(value: object, name: str, choices: object) -> object:
 
 def fraction(value: object, name: str, example: str) -> float:
     """Return `value` as a float if it lies in [0, 1), else raise saying what to pass."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1) (got {value!r}); try {example}.")
+    message = f"{name} must be a number in [0, 1) (got {value!r}); try {example}."
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WrongType(message)
+    if not 0 <= value < 1:
+        raise ValueError(message)
     return float(value)
 
 
 def flag(value: object, name: str) -> bool:
     """Return `value` if it is True or False, else raise."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False (got {value!r}); pass {name}=False.")
+        raise WrongType(f"{name} must be True or False (got {value!r}); pass {name}=False.")
     return value

@@ -34,6 +34,8 @@ import math
 import numpy as np
 import torch
 
+from .checks import positive_int
+
 __all__ = [
     "NF4_OFFSET",
     "absmax_decode",
@@ -115,15 +117,6 @@ def _check_bits(bits: object, low: int = 2, high: int = 8) -> int:
     if not low <= bits <= high:
         raise ValueError(f"bits must be between {low} and {high}, got {bits}; use e.g. bits=8.")
     return bits
-
-
-def _check_block_size(block_size: object, name: str = "block_size") -> int:
-    """Return ``block_size`` if it is a positive int, else raise a helpful error."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}; use e.g. 64.")
-    if block_size <= 0:
-        raise ValueError(f"{name} must be positive, got {block_size}; use e.g. 64.")
-    return block_size
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:
@@ -340,7 +333,9 @@ def blockwise_absmax_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """absmax quantization with one scale per block of ``block_size`` consecutive values."""
     x = _check_float_tensor(x)
-    return blockwise_encode(x.detach(), _check_block_size(block_size), _check_bits(bits))
+    return blockwise_encode(
+        x.detach(), positive_int(block_size, "block_size", "block_size=64"), _check_bits(bits)
+    )
 
 
 def blockwise_decode(q: torch.Tensor, scales: torch.Tensor, block_size: int = 64) -> torch.Tensor:
@@ -356,7 +351,7 @@ def blockwise_absmax_dequantize(
     """Undo :func:`blockwise_absmax_quantize`: each block times its own scale."""
     _check_tensor(q, "q", torch.int8)
     _check_tensor(scales, "scales")
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     n_blocks = -(-q.numel() // block_size)
     if n_blocks != scales.numel():
         raise ValueError(
@@ -460,7 +455,7 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
       (``byte = q[2i] << 4 | q[2i+1]``); an odd count is padded with the code of 0.0 (7).
     """
     w = _check_float_tensor(w, "w")
-    return nf4_encode(w.detach(), _check_block_size(block_size))
+    return nf4_encode(w.detach(), positive_int(block_size, "block_size", "block_size=64"))
 
 
 def nf4_decode(
@@ -481,7 +476,7 @@ def nf4_dequantize(
     _check_tensor(packed, "packed", torch.uint8)
     _check_tensor(absmax, "absmax")
     shape = _check_shape(shape)
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     n = math.prod(shape)
     if packed.numel() != (n + 1) // 2:
         raise ValueError(
@@ -513,10 +508,12 @@ def double_quant_bits_per_param(
     Pass ``absmax_bits=None`` for plain NF4 (fp32 absmax): 4 + 32/64 = 4.5 bits.
     With the QLoRA defaults: 4 + 8/64 + 32/(64*256) = 4.127 bits.
     """
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     if absmax_bits is None:
         return 4 + 32 / block_size
-    absmax_block_size = _check_block_size(absmax_block_size, "absmax_block_size")
+    absmax_block_size = positive_int(
+        absmax_block_size, "absmax_block_size", "absmax_block_size=256"
+    )
     absmax_bits = _check_bits(absmax_bits, 1, 32)
     return 4 + absmax_bits / block_size + 32 / (block_size * absmax_block_size)
 
@@ -570,7 +567,7 @@ def double_quantize_absmax(
     bitsandbytes 0.50, whose CPU kernel finds the nearest code with a lookup table.
     """
     absmax = _check_float_tensor(absmax, "absmax")
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     flat = absmax.detach().reshape(-1).float()
     offset = flat.mean()
     blocks = pad_to_blocks(flat - offset, block_size)  # zero padding never raises a maximum
@@ -588,7 +585,7 @@ def double_dequantize_absmax(
     """Undo :func:`double_quantize_absmax`: ``code[q] * absmax2[block] + offset``."""
     _check_tensor(q, "q", torch.uint8)
     _check_tensor(absmax2, "absmax2")
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     values = pad_to_blocks(dynamic_map()[q.reshape(-1).long()], block_size)
     if values.shape[0] != absmax2.numel():
         raise ValueError(
@@ -607,7 +604,7 @@ def double_dequantize_absmax(
 def _q4_1_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     """Check ``w`` for Q4_1 and return it as float32 rows of ``block_size`` values."""
     w = _check_float_tensor(w, "w")
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     if block_size % 2:
         raise ValueError(f"block_size must be even, got {block_size}; GGUF uses 32.")
     if w.dim() == 0 or w.shape[-1] % block_size:
@@ -679,7 +676,7 @@ def q4_1_from_gguf_bytes(
     """Split raw GGUF Q4_1 bytes back into ``(packed, d, m)`` for :func:`q4_1_dequantize`."""
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
         raise TypeError("raw must be a uint8 numpy array, e.g. gguf.quants.quantize(...) output.")
-    block_size = _check_block_size(block_size)
+    block_size = positive_int(block_size, "block_size", "block_size=64")
     row = 4 + block_size // 2
     if raw.size % row:
         raise ValueError(

@@ -16,6 +16,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from course_utils import memory
+from course_utils.checks import one_of, positive_int
 from course_utils.lora import first_step_update_norm, lora_parameter_count, lora_scaling
 from course_utils.spectrum import (
     check_rank,
@@ -324,22 +325,6 @@ _MEMORY_COLORS = {
 }
 
 
-def _memory_choice(value: object, name: str, choices: tuple | list) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise an error listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}.")
-    return value
-
-
-def _memory_int(value: object, name: str) -> int:
-    """Return ``value`` if it is a positive int, else raise a helpful error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}; e.g. {name}=4.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}; e.g. {name}=4.")
-    return value
-
-
 def memory_stats(
     model: str = "SmolLM2-135M",
     method: str = "full",
@@ -358,12 +343,12 @@ def memory_stats(
     :mod:`course_utils.memory`), ``gpus`` ({name: fits?}, smallest card first) and ``fits``
     (the names that fit, same order).
     """
-    model = _memory_choice(model, "model", list(memory.PRESETS))
-    method = _memory_choice(method, "method", MEMORY_METHODS)
-    dtype = _memory_choice(dtype, "dtype", list(memory.BYTES_PER_DTYPE))
-    optimizer = _memory_choice(optimizer, "optimizer", list(memory.OPTIMIZER_BYTES_PER_PARAM))
-    batch = _memory_int(batch, "batch")
-    seq_len = _memory_int(seq_len, "seq_len")
+    model = one_of(model, "model", list(memory.PRESETS))
+    method = one_of(method, "method", MEMORY_METHODS)
+    dtype = one_of(dtype, "dtype", list(memory.BYTES_PER_DTYPE))
+    optimizer = one_of(optimizer, "optimizer", list(memory.OPTIMIZER_BYTES_PER_PARAM))
+    batch = positive_int(batch, "batch", "batch=4")
+    seq_len = positive_int(seq_len, "seq_len", "seq_len=4")
     master_weights = method == "full" and dtype != "fp32"
     est = memory.estimate(
         model,

@@ -34,6 +34,7 @@ from trl.trainer import sft_trainer
 
 from course_utils import env, fused_loss
 from course_utils.assets import load_tokenizer
+from course_utils.checks import one_of, positive_int
 from course_utils.peak_memory import PeakMemory
 
 from .common import MODELS, machine
@@ -69,20 +70,6 @@ LOSS_FUNCTIONS: dict[str, Callable] = {
     "chunked_nll": _chunked_nll,
     "fused": _fused,
 }
-
-
-def _check_positive(**values: object) -> None:
-    """Raise, naming the argument, unless every value is an integer > 0."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer (got {value!r}); try {name}=1.")
-
-
-def _check_head(head: object) -> str:
-    """Return `head` if it is one of HEADS, else raise."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {list(HEADS)} (got {head!r}).")
-    return head  # type: ignore[return-value]
 
 
 def _loss_and_grads(name: str, hidden, weight, labels, head: str):
@@ -124,8 +111,8 @@ def _peak_mb(name: str, hidden, weight, labels, head: str) -> float:
 
 def race(hidden, weight, labels, *, rounds: int = 5, heads: Sequence[str] = HEADS) -> list[dict]:
     """Time each loss + backward `rounds` times, interleaved; one row per (head, loss)."""
-    _check_positive(rounds=rounds)
-    heads = [_check_head(head) for head in heads]
+    positive_int(rounds, "rounds", "rounds=3")
+    heads = [one_of(head, "head", HEADS) for head in heads]
     rows = []
     for head in heads:
         seconds: dict[str, list[float]] = {name: [] for name in LOSSES}
@@ -198,7 +185,8 @@ def run(
     rounds: int = 5,
 ) -> list[dict]:
     """Race the three losses on `model`'s head, print the table, write loss.md and loss.json."""
-    _check_positive(batch=batch, seq_len=seq_len, rounds=rounds)
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("rounds", rounds)):
+        positive_int(value, name, f"{name}=4")
     if model not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)} (got {model!r}).")
     env.seed_everything(0)

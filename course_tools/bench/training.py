@@ -66,7 +66,7 @@ from transformers.trainer_callback import PrinterCallback
 from course_tools import train
 from course_utils import assets, data, env, unsloth_backend
 from course_utils.assets import load_model
-from course_utils.checks import one_of
+from course_utils.checks import one_of, positive_int
 from course_utils.data import IGNORE_INDEX
 from course_utils.memory import LLAMA_LINEAR_LAYERS, METHODS, estimate
 
@@ -134,8 +134,7 @@ def _check_workloads(workloads: object) -> list[str]:
 def _check_sizes(**sizes: object) -> None:
     """Raise unless every size is a positive int (steps must also leave a step to time)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. {name}=4.")
+        positive_int(value, name, f"{name}=4")
     if sizes.get("steps", 2) < 2:
         raise ValueError("steps must be at least 2 (the first step only warms up); e.g. steps=6.")
 
@@ -167,13 +166,6 @@ def _chat(tokenizer, n_examples: int):
     if len(examples) < n_examples:
         raise ValueError(f"the rentals task has {len(examples)} examples, fewer than {n_examples}.")
     return train.chat_dataset(tokenizer, examples[:n_examples])
-
-
-def _check_data(kind: object) -> str:
-    """Return `kind` if it is one of DATA, else raise."""
-    if kind not in DATA:
-        raise ValueError(f"data must be one of {list(DATA)}, got {kind!r}.")
-    return kind  # type: ignore[return-value]
 
 
 def load_base(model_name: str, method: str, tokenizer, device: torch.device, path: str = "course"):
@@ -347,7 +339,7 @@ def run_workload(
 ) -> dict:
     """Run one workload in this process and return its measurements (a JSON-able dict)."""
     workload = _check_workloads([workload])[0]
-    data = _check_data(data)
+    data = one_of(data, "data", DATA)
     _check_sizes(steps=steps, batch=batch, seq_len=seq_len, lora_r=lora_r)
 
     if model not in MODELS:
@@ -737,7 +729,7 @@ def run(
     (with MFU and the estimator's number added).
     """
     workloads = _check_workloads(workloads)
-    data = _check_data(data)
+    data = one_of(data, "data", DATA)
     name = "train" if data == "blocks" else "train-chat"
     steps = env.by_profile(full=6, ci=4) if steps is None else steps
     rounds = env.by_profile(full=2, ci=1) if rounds is None else rounds

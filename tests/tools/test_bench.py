@@ -131,7 +131,7 @@ def test_qlora_step_on_a_tiny_model_trains_only_the_adapters(tiny_full):
     [
         ({"method": "sgd"}, ValueError),
         ({"method": "full", "batch": 0}, ValueError),
-        ({"method": "full", "seq_len": 1.5}, ValueError),
+        ({"method": "full", "seq_len": 1.5}, TypeError),
         ({"method": "full", "model": "gpt2"}, ValueError),
         ({"method": "lora", "lora_dropout": 1.0}, ValueError),
         ({"method": "full", "dtype": "int8"}, ValueError),

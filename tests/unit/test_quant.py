@@ -246,7 +246,7 @@ def test_bad_inputs_raise_helpful_errors():
         Q.nf4_quantize(torch.empty(0))
     with pytest.raises(ValueError, match="bits must be between"):
         Q.absmax_quantize(torch.randn(4), bits=16)
-    with pytest.raises(ValueError, match="block_size must be positive"):
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
         Q.blockwise_absmax_quantize(torch.randn(4), block_size=0)
     with pytest.raises(ValueError, match="multiple of block_size"):
         Q.q4_1_quantize(torch.randn(4, 33))
@@ -267,7 +267,7 @@ def test_block_size_must_fit_where_the_format_requires_it():
         Q.q4_1_quantize(torch.randn(4, 33), block_size=33)
     with pytest.raises(ValueError, match="multiple of block_size"):
         Q.q4_1_quantize(torch.randn(4, 48), block_size=32)
-    with pytest.raises(TypeError, match="block_size must be an int"):
+    with pytest.raises(TypeError, match="block_size must be a positive integer"):
         Q.nf4_quantize(torch.randn(128), block_size=64.0)
     q, scales = Q.blockwise_absmax_quantize(torch.randn(256), block_size=64)
     with pytest.raises(ValueError, match="same block_size"):
