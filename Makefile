@@ -53,7 +53,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 # kernel gets it too, not only what make starts).
 model: setup
 	$(BIN)/python -m course_utils.assets --prepare
-	$(BIN)/python -m course_utils.env --install-openmp-setting
+	$(BIN)/python -c 'from course_utils import env; env.main(["--install-openmp-setting"])'
 
 course: model
 	@echo "Starting JupyterLab: open the URL printed below (Ctrl+C stops it)."

@@ -2,7 +2,7 @@
 
 Lesson 00 prints it.
 
-Times are never typed in: `python -m course_utils.course_map --measure notebooks/*.ipynb` (or
+Times are never typed in: `python -m course_tools.timings notebooks/*.ipynb` (or
 `make timings`) runs each notebook top to bottom with the learner's profile and records its wall
 time, the machine and the date in ``course_utils/data/timings.json``. A lesson nobody has timed on
 a kind of machine says so instead of guessing.

@@ -18,7 +18,7 @@ Lesson 04 reads this module top to bottom. It holds
   3. ``stdlib_docs``: a standard-library docstring -> its documentation section
      (`load_classification_task`).
 
-Regenerate the shipped files with ``python -m course_utils.data --write`` (``--check`` compares).
+Regenerate the shipped files with ``python -m course_tools.datasets --write`` (``--check`` compares).
 """
 
 from __future__ import annotations

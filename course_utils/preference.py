@@ -15,7 +15,7 @@ Lesson 10 reads this module. It holds
 - `dpo_trainer`: TRL's ``DPOTrainer`` with a PEFT LoRA adapter, whose reference model is the
   same network with the adapter switched off.
 
-Regenerate the shipped files with ``python -m course_utils.data --write`` (it writes these too).
+Regenerate the shipped files with ``python -m course_tools.datasets --write`` (it writes these too).
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
     code = [c for c in cells if c.cell_type == "code"]
     is_lesson = path.parent.name == "notebooks"  # an exercise ends with its graded tests instead
     if not code or ("claims.report()" if is_lesson else "assert") not in code[-1].source:
-        check = "the lesson's claims with claims.report()" if is_lesson else "its answers with assert"
+        check = (
+            "the lesson's claims with claims.report()" if is_lesson else "its answers with assert"
+        )
         problems.append(f"the last code cell must check {check}")
     if NAME.match(path.name) and is_training_lab(path):
         problems += [
