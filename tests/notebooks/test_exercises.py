@@ -17,7 +17,11 @@ from course_tools import grading
 ROOT = Path(__file__).resolve().parents[2]
 MASTERS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
 STUDENT_VERSIONS = sorted((ROOT / "exercises").glob("*/*.ipynb"))
-DIFFICULTY = re.compile(r"^## Exercise \d+ (🐢|🐕|🦁) — .+ \((\d+) points?\)$", re.MULTILINE)
+#: The heading of an exercise: its difficulty as a mark and a word (a font without emoji still
+#: says it), then its points.
+DIFFICULTY = re.compile(
+    r"^## Exercise \d+ (🐢 easy|🐕 medium|🦁 hard) — .+ \((\d+) points?\)$", re.MULTILINE
+)
 INSTALL_CELL = nbformat.read(ROOT / "notebooks" / "00_start_here.ipynb", as_version=4).cells[1]
 
 
@@ -66,7 +70,7 @@ def test_master_notebook_is_well_formed(path):
     tests = [c for c in cells if _nbgrader(c).get("grade")]
     solutions = [c for c in cells if _nbgrader(c).get("solution")]
     assert len(headings) == len(tests) == len(solutions) >= 3, "one heading, answer and test each"
-    assert {level for level, _ in headings} == {"🐢", "🐕", "🦁"}
+    assert {level for level, _ in headings} == {"🐢 easy", "🐕 medium", "🦁 hard"}
     for (_, points), test in zip(headings, tests, strict=True):
         meta = _nbgrader(test)
         assert meta["locked"] and meta["points"] == int(points), (test.id, meta)
