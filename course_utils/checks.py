@@ -9,6 +9,7 @@ line of error, never a traceback from deep inside a library.
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 __all__ = ["WrongType", "flag", "fraction", "one_of", "positive_int", "positive_number"]
 
@@ -18,19 +19,19 @@ class WrongType(TypeError, ValueError):
 
 
 def positive_int(value: object, name: str, example: str) -> int:
-    """Return `value` if it is an integer > 0, else raise saying what to pass (`example`)."""
+    """Return `value` as an int if it is an integer > 0 (NumPy's too), else raise saying what to pass."""
     message = f"{name} must be a positive integer (got {value!r}); try {example}."
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise WrongType(message)
     if value <= 0:
         raise ValueError(message)
-    return value
+    return int(value)
 
 
 def positive_number(value: object, name: str, example: str) -> float:
     """Return `value` as a float if it is a finite number > 0, else raise saying what to pass."""
     message = f"{name} must be a positive number (got {value!r}); try {example}."
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise WrongType(message)
     if not value > 0:
         raise ValueError(message)
@@ -54,7 +55,7 @@ def one_of(value: object, name: str, choices: object) -> object:
 def fraction(value: object, name: str, example: str) -> float:
     """Return `value` as a float if it lies in [0, 1), else raise saying what to pass."""
     message = f"{name} must be a number in [0, 1) (got {value!r}); try {example}."
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise WrongType(message)
     if not 0 <= value < 1:
         raise ValueError(message)

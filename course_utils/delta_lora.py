@@ -47,7 +47,6 @@ from torch import nn
 from transformers import TrainerCallback
 
 from . import lora
-from .checks import positive_int, positive_number
 
 __all__ = [
     "DeltaLoRAConfig",
@@ -72,8 +71,7 @@ class DeltaLoRAConfig:
 
     def __post_init__(self) -> None:
         """Check every field, so a bad value fails before a model is touched."""
-        self.r = positive_int(self.r, "r", "r=8")
-        self.alpha = positive_number(self.alpha, "alpha", "alpha=2*r, e.g. alpha=16")
+        self.r, self.alpha = lora.check_rank_alpha(self.r, self.alpha)
         if self.target_modules != "all-linear":
             self.target_modules = lora.check_target_modules(self.target_modules)
         ratio = self.update_ratio

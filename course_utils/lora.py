@@ -48,6 +48,7 @@ __all__ = [
     "LoRALinear",
     "add_lora",
     "check_lora_layer",
+    "check_rank_alpha",
     "copy_lora_weights_to_peft",
     "count_trainable_parameters",
     "first_step_update_norm",
@@ -99,6 +100,11 @@ def check_target_modules(target_modules: object) -> list[str]:
 # The layer.
 
 
+def check_rank_alpha(r: object, alpha: object) -> tuple[int, float]:
+    """Return (r, alpha) as (int, float) if r is a positive integer and alpha a positive number."""
+    return positive_int(r, "r", "r=8"), positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16")
+
+
 def check_lora_layer(
     base: object, r: object, alpha: object, dropout: object = 0.0, use_rslora: object = False
 ) -> None:
@@ -113,8 +119,7 @@ def check_lora_layer(
             f"base.weight has dtype {base.weight.dtype}, but LoRALinear needs a floating-point "
             "weight; use PEFT for quantized (QLoRA) layers."
         )
-    positive_int(r, "r", "r=8")
-    positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16")
+    check_rank_alpha(r, alpha)
     fraction(dropout, "dropout", "dropout=0.05 or 0.0")
     flag(use_rslora, "use_rslora")
 
@@ -240,10 +245,7 @@ def inject_lora(
     check_model(model)
     targets = check_target_modules(target_modules)
     # Check the hyperparameters once here, so a bad value fails before the model is touched.
-    r, alpha = (
-        positive_int(r, "r", "r=8"),
-        positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16"),
-    )
+    r, alpha = check_rank_alpha(r, alpha)
     dropout, use_rslora = (
         fraction(dropout, "dropout", "dropout=0.05 or 0.0"),
         flag(use_rslora, "use_rslora"),
@@ -339,10 +341,7 @@ def _set_merged(model: nn.Module, merged: bool) -> list[str]:
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """The factor in front of B A: alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
-    r, alpha = (
-        positive_int(r, "r", "r=8"),
-        positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16"),
-    )
+    r, alpha = check_rank_alpha(r, alpha)
     return alpha / (math.sqrt(r) if flag(use_rslora, "use_rslora") else r)
 
 
@@ -443,10 +442,7 @@ def first_step_update_norm(
     `seed`, so the number depends only on r, alpha and the scaling rule. Adam's first step moves
     every entry of B by about lr, so the result does not depend on lr.
     """
-    r, alpha = (
-        positive_int(r, "r", "r=8"),
-        positive_number(alpha, "alpha", "alpha=2*r, e.g. alpha=16"),
-    )
+    r, alpha = check_rank_alpha(r, alpha)
     use_rslora = flag(use_rslora, "use_rslora")
     for name, value in (("d_in", d_in), ("d_out", d_out), ("tokens", tokens)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:

@@ -313,8 +313,6 @@ MEMORY_DTYPES = {
 }
 #: The dtype the calculator keeps LoRA/QLoRA adapters in (PEFT's default; memory.estimate's too).
 MEMORY_ADAPTER_DTYPE = "fp32"
-#: Training methods the memory calculator offers.
-MEMORY_METHODS = memory.METHODS
 #: The parts of training memory, in the order they are displayed.
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
 _MEMORY_COLORS = {
@@ -344,7 +342,7 @@ def memory_stats(
     (the names that fit, same order).
     """
     model = one_of(model, "model", list(memory.PRESETS))
-    method = one_of(method, "method", MEMORY_METHODS)
+    method = one_of(method, "method", memory.METHODS)
     dtype = one_of(dtype, "dtype", list(memory.BYTES_PER_DTYPE))
     optimizer = one_of(optimizer, "optimizer", list(memory.OPTIMIZER_BYTES_PER_PARAM))
     batch = positive_int(batch, "batch", "batch=4")
@@ -519,7 +517,7 @@ def memory_calculator(
             options=list(memory.PRESETS), value=model, description="model", style=wide
         ),
         "method": widgets.ToggleButtons(
-            options=list(MEMORY_METHODS), value=method, description="method", style=wide
+            options=list(memory.METHODS), value=method, description="method", style=wide
         ),
         "dtype": widgets.Dropdown(
             options=[(MEMORY_DTYPES[name], name) for name in memory.BYTES_PER_DTYPE],

@@ -52,3 +52,12 @@ def test_one_of_names_the_choices_even_for_an_unhashable_value():
         one_of("dora", "method", ("full", "lora"))
     with pytest.raises(ValueError, match="must be one of"):
         one_of(["lora"], "method", {"full": 1, "lora": 2})
+
+
+def test_numpy_numbers_pass_as_the_plain_python_ones():
+    """A rank or a size from a NumPy array is an integer too (lesson 02 sweeps np.arange ranks)."""
+    np = pytest.importorskip("numpy")
+    assert positive_int(np.int64(8), "r", "r=8") == 8
+    assert type(positive_int(np.int64(8), "r", "r=8")) is int
+    assert positive_number(np.float32(0.5), "alpha", "alpha=16") == 0.5
+    assert fraction(np.float32(0.25), "dropout", "dropout=0.05") == 0.25
