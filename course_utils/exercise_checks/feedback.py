@@ -1,0 +1,111 @@
+"""One-line feedback for an exercise check (the exercise notebooks of lessons 01-11).
+
+`exercise(number, answer)` decorates a check: what the check raises becomes one line, ✅ / ❌ /
+⏳ (not answered yet), printed in a learner's kernel and raised as ``AssertionError`` under
+nbgrader. `expect(condition, message)` is how a check says what is wrong (the message ends with
+"Hint: ..."). The comparison functions a check uses are bound here when the module is imported,
+before a learner's code runs (``torch.allclose`` replaced later in the kernel does not change them).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["Wrong", "allclose", "equal", "exercise", "expect", "isclose", "under_grader"]
+
+#: Bound at import: the checks compare with these, not with what the kernel's names say later.
+allclose = torch.allclose
+equal = torch.equal
+isclose = math.isclose
+_COURSE_CODE = str(Path(__file__).resolve().parents[1])
+
+
+class Wrong(AssertionError):
+    """An answer does not pass: the message says what is wrong and gives a hint."""
+
+
+def expect(condition: object, message: str) -> None:
+    """Raise `Wrong(message)` unless `condition` holds."""
+    if not condition:
+        raise Wrong(message)
+
+
+def under_grader() -> bool:
+    """True while nbgrader validates or autogrades the notebook (it sets NBGRADER_EXECUTION)."""
+    return bool(os.environ.get("NBGRADER_EXECUTION"))
+
+
+def _where(error: BaseException) -> str:
+    """' (your code, line N: `...`)' for the learner's line that raised, or ''."""
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if not f.filename.startswith(_COURSE_CODE) and "site-packages" not in f.filename
+    ]
+    if not frames or not frames[-1].line:
+        return ""
+    return f" (in {frames[-1].name}, line {frames[-1].lineno}: `{frames[-1].line.strip()}`)"
+
+
+def _say(line: str, passed: bool) -> None:
+    """Print the verdict in a learner's kernel; raise it under nbgrader when it is not a pass."""
+    if not passed and under_grader():
+        raise AssertionError(line)
+    print(line)
+
+
+def _names(answers: tuple[str, ...]) -> str:
+    """`a`, `a` and `b`, `a`, `b` and `c`."""
+    quoted = [f"`{name}`" for name in answers]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def exercise(number: int, *answers: str) -> Callable:
+    """Decorate the check of exercise `number`, whose answer is the function(s) named `answers`.
+
+    The check is called with the learner's function(s), and `cases=...` for the grader's hidden
+    cases; it raises `Wrong` (via `expect`) when an answer is wrong and may return a short report
+    shown under the ✅ line of the visible test.
+    """
+    if not isinstance(number, int) or number < 1:
+        raise ValueError(f"number must be the exercise's number (1, 2, ...), got {number!r}.")
+    if not answers or not all(isinstance(a, str) and a for a in answers):
+        raise ValueError("name the function(s) the exercise asks for, e.g. exercise(1, 'f').")
+
+    def decorate(check: Callable) -> Callable:
+        @functools.wraps(check)
+        def run(*args, **kwargs) -> None:
+            hidden = "cases" in kwargs
+            try:
+                report = check(*args, **kwargs)
+            except NotImplementedError:
+                _say(
+                    f"⏳ Exercise {number} is not answered yet: write {_names(answers)} above.",
+                    False,
+                )
+            except Wrong as wrong:
+                _say(f"❌ Exercise {number}: {wrong}", False)
+            except Exception as error:  # the learner's code raised: say what and where
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                _say(
+                    f"❌ Exercise {number}: your code raised {type(error).__name__}"
+                    f"{': ' + message if message else ''}{_where(error)}.",
+                    False,
+                )
+            else:
+                tests = "the grader's further cases" if hidden else "the tests"
+                verb = "passes" if len(answers) == 1 else "pass"
+                _say(f"✅ Exercise {number}: {_names(answers)} {verb} {tests}.", True)
+                if report and not hidden:
+                    print(report)
+
+        return run
+
+    return decorate

@@ -1,0 +1,87 @@
+"""The one-line verdicts of an exercise check: printed for a learner, raised under nbgrader."""
+
+import pytest
+import torch
+
+from course_utils.exercise_checks.feedback import Wrong, exercise, expect
+
+
+@exercise(4, "double")
+def _check_double(double, cases=((1, 2), (3, 6))):
+    for x, want in cases:
+        expect(double(x) == want, f"double({x}) is {double(x)}, expected {want}. Hint: times two.")
+    return "a report shown under the ✅ line"
+
+
+def _stub(x):
+    raise NotImplementedError()
+
+
+def test_a_pass_prints_a_tick_then_the_report(capsys):
+    _check_double(lambda x: 2 * x)
+    assert capsys.readouterr().out.splitlines() == [
+        "✅ Exercise 4: `double` passes the tests.",
+        "a report shown under the ✅ line",
+    ]
+
+
+def test_the_hidden_cases_say_so_and_print_no_report(capsys):
+    _check_double(lambda x: 2 * x, cases=[(5, 10)])
+    assert capsys.readouterr().out == "✅ Exercise 4: `double` passes the grader's further cases.\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "line"),
+    [
+        (_stub, "⏳ Exercise 4 is not answered yet: write `double` above."),
+        (lambda x: x + 1, "❌ Exercise 4: double(3) is 4, expected 6. Hint: times two."),
+    ],
+)
+def test_a_learner_sees_one_line_and_no_exception(answer, line, capsys, monkeypatch):
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    _check_double(answer)
+    assert capsys.readouterr().out == line + "\n"
+
+
+def test_an_exception_in_the_learners_code_is_named_with_its_line(capsys, monkeypatch):
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+
+    def double(x):
+        return torch.ones(2) @ torch.ones(3)
+
+    _check_double(double)
+    out = capsys.readouterr().out
+    assert out.startswith("❌ Exercise 4: your code raised RuntimeError:"), out
+    assert "(in double, line" in out and "`return torch.ones(2) @ torch.ones(3)`" in out
+    assert out.count("\n") == 1
+
+
+@pytest.mark.parametrize("mode", ["validate", "autograde"])
+def test_under_nbgrader_a_wrong_or_missing_answer_raises(mode, monkeypatch, capsys):
+    monkeypatch.setenv("NBGRADER_EXECUTION", mode)
+    with pytest.raises(AssertionError, match="not answered yet"):
+        _check_double(_stub)
+    with pytest.raises(AssertionError, match=r"^❌ Exercise 4: double\(3\) is 4"):
+        _check_double(lambda x: x + 1)
+    _check_double(lambda x: 2 * x)  # a right answer passes silently apart from its line
+    assert capsys.readouterr().out.startswith("✅ Exercise 4")
+
+
+def test_comparisons_are_bound_before_the_learners_code_runs(monkeypatch):
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    monkeypatch.setattr(torch, "allclose", lambda *a, **k: True)  # a submission's trick
+    from course_utils.exercise_checks import lora_math
+
+    def wrong(x, W, A, B, alpha, r):
+        return x @ W.T
+
+    with pytest.raises(AssertionError, match="only the frozen layer's output"):
+        lora_math.lora_forward(wrong)
+
+
+def test_a_check_is_declared_with_its_number_and_answer():
+    with pytest.raises(ValueError, match="exercise's number"):
+        exercise(0, "f")
+    with pytest.raises(ValueError, match="name the function"):
+        exercise(1)
+    assert issubclass(Wrong, AssertionError)
