@@ -27,7 +27,8 @@ export GOMP_SPINCOUNT ?= 10000
 OUT ?= outputs/grading
 
 help:
-	@echo "make course   set up (once) and start JupyterLab on notebooks/00_start_here.ipynb"
+	@echo "make course   set up (once) and start JupyterLab on notebooks/00_start_here.ipynb;"
+	@echo "              your exercises go to my-work/ (INSTRUCTOR=1: every file and nbgrader's tools)"
 	@echo "make test     set up (once) and run the whole test suite (lint, unit, notebooks)"
 	@echo "make lint     ruff check + ruff format --check over course_utils, course_tools, tests, notebooks"
 	@echo "make timings  run every notebook with the full profile and record its wall time"
@@ -56,9 +57,8 @@ model: setup
 	$(BIN)/python -c 'from course_utils import env; env.main(["--install-openmp-setting"])'
 
 course: model
-	@echo "Starting JupyterLab: open the URL printed below (Ctrl+C stops it)."
-	$(BIN)/jupyter lab notebooks/00_start_here.ipynb --no-browser --ip=$(HOST) --port=$(PORT) \
-		--ServerApp.root_dir=. $(ROOT_FLAG) $(LAB_ARGS)
+	$(BIN)/python -m course_tools.lab --ip=$(HOST) --port=$(PORT) $(if $(INSTRUCTOR),--instructor) \
+		-- $(ROOT_FLAG) $(LAB_ARGS)
 
 # Debian's chromium for the widget tests in a real browser (Playwright drives it; it never
 # downloads a browser of its own). Installed with apt-get when we are root and it is missing.
