@@ -63,6 +63,7 @@ def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
         problems.append("first cell must be a markdown cell with the Colab badge")
     elif urls[0] != badge_url(relative):
         problems.append(f"Colab badge points at {urls[0]}, expected {badge_url(relative)}")
+    problems += _badge_image_problems(_source(cells, 0), path.parent)
     repo = f"https://github.com/{course_settings()['github_repo']}"
     install = [
         c for c in cells if c.cell_type == "code" and '"google.colab" in sys.modules' in c.source
@@ -71,6 +72,10 @@ def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
         problems.append('no Colab install cell (`if "google.colab" in sys.modules:` + pip install)')
     elif "pip" not in install[0].source or repo not in install[0].source:
         problems.append(f"the Colab install cell must pip install the course package from {repo}")
+    elif "--only-binary=:all:" not in install[0].source or "[colab]" in install[0].source:
+        problems.append(
+            "the Colab install cell installs wheels only (--only-binary=:all:), no extra"
+        )
     text = path.read_text()
     for match in sorted(set(ABSOLUTE_PATH.findall(text))):
         problems.append(f"absolute path {match!r}: use a path relative to the notebook")
@@ -82,9 +87,11 @@ def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
             )
     code = [c for c in cells if c.cell_type == "code"]
     is_lesson = path.parent.name == "notebooks"  # an exercise ends with its graded tests instead
-    if not code or ("claims.report()" if is_lesson else "assert") not in code[-1].source:
+    if not code or ("claims.report()" if is_lesson else "check.") not in code[-1].source:
         check = (
-            "the lesson's claims with claims.report()" if is_lesson else "its answers with assert"
+            "the lesson's claims with claims.report()"
+            if is_lesson
+            else "its answers with a check (check.<exercise>(...))"
         )
         problems.append(f"the last code cell must check {check}")
     if NAME.match(path.name) and is_training_lab(path):
@@ -93,6 +100,16 @@ def lint_notebook(path: Path, root: Path = ROOT) -> list[str]:
             for call in wrapper_calls(path)
         ]
     return problems
+
+
+def _badge_image_problems(first_cell: str, folder: Path) -> list[str]:
+    """The badge's image must be the local copy (it shows offline), at a path that exists."""
+    images = re.findall(r"!\[Open In Colab\]\(([^)\s]+)\)", first_cell)
+    if not images:
+        return ["first cell has no Open In Colab badge image"]
+    if re.match(r"[a-z]+://", images[0]) or not (folder / images[0]).is_file():
+        return [f"badge image {images[0]!r}: use the local copy (notebooks/images/colab-badge.svg)"]
+    return []
 
 
 def wrapper_calls(path: Path) -> list[str]:

@@ -35,7 +35,9 @@ def test_every_lesson_notebook_is_on_the_course_map():
 @pytest.fixture
 def good(tmp_path):
     """Copy notebook 00 to a scratch repo root so it can be broken on purpose."""
-    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "images").mkdir(parents=True)
+    badge = ROOT / "notebooks" / "images" / "colab-badge.svg"
+    (tmp_path / "notebooks" / "images" / badge.name).write_text(badge.read_text())
     target = tmp_path / "notebooks" / "00_start_here.ipynb"
     target.write_text((ROOT / "notebooks" / "00_start_here.ipynb").read_text())
     return target
@@ -58,6 +60,37 @@ def test_lint_catches_a_badge_pointing_elsewhere(good):
     _rewrite(good, change)
     [problem] = lint_notebook(good, root=good.parent.parent)
     assert "expected " + badge_url("notebooks/00_start_here.ipynb") in problem
+
+
+def test_lint_catches_a_badge_image_fetched_from_the_web_or_missing(good):
+    web = "https://colab.research.google.com/assets/colab-badge.svg"
+    _rewrite(
+        good,
+        lambda nb: setattr(
+            nb.cells[0], "source", nb.cells[0].source.replace("images/colab-badge.svg", web)
+        ),
+    )
+    [problem] = lint_notebook(good, root=good.parent.parent)
+    assert "use the local copy" in problem
+    (good.parent / "images" / "colab-badge.svg").unlink()
+    _rewrite(
+        good,
+        lambda nb: setattr(
+            nb.cells[0], "source", nb.cells[0].source.replace(web, "images/colab-badge.svg")
+        ),
+    )
+    assert "use the local copy" in lint_notebook(good, root=good.parent.parent)[0]
+
+
+def test_lint_catches_an_install_cell_that_may_build_from_source(good):
+    _rewrite(
+        good,
+        lambda nb: setattr(
+            nb.cells[1], "source", nb.cells[1].source.replace("--only-binary=:all:", "")
+        ),
+    )
+    [problem] = lint_notebook(good, root=good.parent.parent)
+    assert "wheels only" in problem
 
 
 def test_lint_catches_a_missing_install_cell_absolute_paths_and_big_outputs(good):
