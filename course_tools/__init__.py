@@ -8,6 +8,8 @@ Not what a learner imports: lessons and exercises use ``course_utils``. This pac
 - ``grading``   nbgrader: the exercises from their masters, a batch of submissions graded
 - ``datasets``  writes the data files the package ships (``python -m course_tools.datasets``)
 - ``timings``   each lesson's measured wall time (``make timings``)
+- ``lab``       ``make course``: JupyterLab's learner view (``--instructor``: every file)
+- ``my_work``   the learner's exercise folder, ``my-work/``, copied once from ``exercises/``
 """
 
 import course_utils  # noqa: F401  (first: its env module quiets bitsandbytes' install advice)

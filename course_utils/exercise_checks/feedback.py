@@ -54,6 +54,12 @@ def _where(error: BaseException) -> str:
     return f" (in {frames[-1].name}, line {frames[-1].lineno}: `{frames[-1].line.strip()}`)"
 
 
+def _raised(error: BaseException) -> str:
+    """'KeyError: 'x' (in f, line 2: `...`)': the exception, its first line and where."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}{': ' + message if message else ''}{_where(error)}"
+
+
 def _say(line: str, passed: bool) -> None:
     """Print the verdict in a learner's kernel; raise it under nbgrader when it is not a pass."""
     if not passed and under_grader():
@@ -85,20 +91,18 @@ def exercise(number: int, *answers: str) -> Callable:
             hidden = "cases" in kwargs
             try:
                 report = check(*args, **kwargs)
-            except NotImplementedError:
-                _say(
-                    f"⏳ Exercise {number} is not answered yet: write {_names(answers)} above.",
-                    False,
-                )
+            except NotImplementedError as error:
+                if str(error):  # torch's "... not implemented for 'Float'": the code ran
+                    _say(f"❌ Exercise {number}: your code raised {_raised(error)}.", False)
+                else:  # the stub's bare `raise NotImplementedError()`
+                    line = (
+                        f"⏳ Exercise {number} is not answered yet: write {_names(answers)} above."
+                    )
+                    _say(line, False)
             except Wrong as wrong:
                 _say(f"❌ Exercise {number}: {wrong}", False)
             except Exception as error:  # the learner's code raised: say what and where
-                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                _say(
-                    f"❌ Exercise {number}: your code raised {type(error).__name__}"
-                    f"{': ' + message if message else ''}{_where(error)}.",
-                    False,
-                )
+                _say(f"❌ Exercise {number}: your code raised {_raised(error)}.", False)
             else:
                 tests = "the grader's further cases" if hidden else "the tests"
                 verb = "passes" if len(answers) == 1 else "pass"

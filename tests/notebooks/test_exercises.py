@@ -4,6 +4,7 @@
 from them by `python -m course_tools.grading generate` and must never be edited by hand.
 """
 
+import ast
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from course_tools import grading
 
@@ -75,14 +77,72 @@ def test_master_notebook_is_well_formed(path):
         meta = _nbgrader(test)
         assert meta["locked"] and meta["points"] == int(points), (test.id, meta)
         assert "### BEGIN HIDDEN TESTS" in test.source and "### END HIDDEN TESTS" in test.source
-        visible = test.source.split("### BEGIN HIDDEN TESTS")[0]
-        assert "assert" in visible or "AssertionError" in visible
-        assert "Hint:" in visible, f"{test.id}: a failing test must say what to try"
-        # The tests compare with the course package, not with numbers copied from the solution.
-        assert re.search(r"course_utils|quant\.|memory\.", visible), test.id
+        visible = test.source.split("### BEGIN HIDDEN TESTS")[0].strip().splitlines()
+        # One call into the lesson's check module, under the learner's eyes; the code is there.
+        assert len(visible) <= 3 and any(line.startswith("check.") for line in visible), visible
     for cell in solutions:
         assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source
-    assert "assert" in [c for c in cells if c.cell_type == "code"][-1].source
+    setup = next(c for c in cells if _nbgrader(c).get("grade_id") == "setup")
+    module = check_module(path)
+    assert f"from course_utils.exercise_checks import {module} as check" in setup.source
+    assert "check." in [c for c in cells if c.cell_type == "code"][-1].source
+
+
+def check_module(master: Path) -> str:
+    """The check module of an assignment: 02_lora_math -> lora_math."""
+    return master.parent.name.split("_", 1)[1]
+
+
+def _strings(path: Path) -> list[str]:
+    """Every string literal of a module, an f-string's {fields} replaced by a NUL."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.JoinedStr):
+            found.append(
+                "".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values)
+            )
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append(node.value)
+    return found
+
+
+def _squeeze(text: str) -> str:
+    """Drop spaces, parentheses and backquotes: `(x @ A.T) @ B.T` and `x@A.T@B.T` compare equal."""
+    return re.sub(r"[\s()`]", "", text)
+
+
+def solution_expressions(master: Path) -> list[str]:
+    """Each line of the masters' solution regions, as the expression right of `return` or `=`."""
+    found = []
+    for cell in nbformat.read(master, as_version=4).cells:
+        region = re.findall(r"### BEGIN SOLUTION\n(.*?)### END SOLUTION", cell.source, re.S)
+        for line in "\n".join(region).splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith(("def ", "for ", "if ", "elif ", "else", "with ", '"""', "import")):
+                continue
+            line = re.sub(r"^return\s+", "", line)
+            line = re.split(r"(?<![=!<>])=(?!=)", line, maxsplit=1)[-1]
+            if len(_squeeze(line)) >= 12 and not re.fullmatch(r"[\w.]+,?", _squeeze(line)):
+                found.append(_squeeze(line))
+    return found
+
+
+@pytest.mark.parametrize("path", MASTERS, ids=_ids(MASTERS))
+def test_the_hints_diagnose_without_giving_the_answer(path):
+    """No string of the check module holds a line of the model answer (spaces, brackets aside)."""
+    module = ROOT / "course_utils" / "exercise_checks" / f"{check_module(path)}.py"
+    strings = [_squeeze(s) for s in _strings(module)]
+    assert any("Hint:" in s for s in _strings(module)), "a failing check must say what to try"
+    given = {e for e in solution_expressions(path) for s in strings if e in s}
+    assert not given, f"hints that spell out the answer: {sorted(given)}"
+
+
+def test_the_hint_check_catches_an_answer_in_a_hint(tmp_path):
+    master = ROOT / "solutions" / "02_lora_math" / "02_lora_math_exercises.ipynb"
+    expressions = solution_expressions(master)
+    leaky = 'HINT = f"Hint: check the formula h = x @ W.T + (alpha / r) * (x @ A.T) @ B.T ({1})."'
+    (tmp_path / "leaky.py").write_text(leaky)
+    assert any(e in _squeeze(s) for e in expressions for s in _strings(tmp_path / "leaky.py"))
 
 
 @pytest.mark.parametrize("path", STUDENT_VERSIONS, ids=_ids(STUDENT_VERSIONS))
@@ -126,10 +186,39 @@ def test_master_passes_nbgrader_validate(path):
     assert grading.validate_notebook(path) == []
 
 
+def test_a_student_version_fails_nbgrader_validate_invert():
+    """Under nbgrader every test cell of a stub notebook fails (its checks raise there)."""
+    assert grading.validate_notebook(STUDENT_VERSIONS[1], invert=True) == []
+
+
 @pytest.mark.parametrize("path", STUDENT_VERSIONS, ids=_ids(STUDENT_VERSIONS))
-def test_student_version_fails_nbgrader_validate_invert(path):
-    """Every test cell fails on the stubs: no exercise is handed out already solved."""
-    assert grading.validate_notebook(path, invert=True) == []
+def test_run_all_on_a_fresh_exercise_notebook_reaches_the_end(path, monkeypatch):
+    """As a learner runs it: no cell raises, and each exercise says it is not answered yet.
+
+    One "not answered yet" per test cell also means that no exercise is handed out solved
+    (nbgrader's --invert, checked on one notebook above, would fail each of them).
+    """
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", allow_errors=True,
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()  # fmt: skip
+    errors = [
+        f"cell {c.id}: {o.ename}: {o.evalue}"
+        for c in notebook.cells
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
+    assert errors == []
+    tests = [c for c in notebook.cells if _nbgrader(c).get("grade")]
+    for number, cell in enumerate(tests, start=1):
+        said = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        assert said.startswith(f"⏳ Exercise {number} is not answered yet: write `"), (
+            cell.id,
+            said,
+        )
+        assert said.count("\n") == 1, (cell.id, said)
 
 
 def test_validate_invert_catches_a_solved_notebook():

@@ -85,3 +85,16 @@ def test_a_check_is_declared_with_its_number_and_answer():
     with pytest.raises(ValueError, match="name the function"):
         exercise(1)
     assert issubclass(Wrong, AssertionError)
+
+
+def test_a_library_not_implemented_error_is_a_wrong_answer_not_an_unanswered_one(
+    capsys, monkeypatch
+):
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+
+    def double(x):
+        raise NotImplementedError("'lshift' not implemented for 'Float'")
+
+    _check_double(double)
+    out = capsys.readouterr().out
+    assert out.startswith("❌ Exercise 4: your code raised NotImplementedError: 'lshift'"), out
