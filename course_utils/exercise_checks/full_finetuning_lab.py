@@ -90,7 +90,9 @@ def _check_known(perplexity_from_losses, losses, expected) -> None:
     """A hand-made input whose perplexity is known."""
     got = perplexity_from_losses(losses)
     expect(
-        isinstance(got, int | float) and not isinstance(got, bool) and isclose(got, expected, rel_tol=1e-6),
+        isinstance(got, int | float)
+        and not isinstance(got, bool)
+        and isclose(got, expected, rel_tol=1e-6),
         f"perplexity_from_losses({losses!r}) is {got!r}, expected {expected!r}. Hint: every loss "
         "counts once, whatever piece it comes in; an empty piece adds nothing, and a piece may "
         "be a list or a tensor.",
