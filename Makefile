@@ -23,7 +23,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # 185 s with a spin count of 10,000, which cost 3 % on an idle machine (98 s; docs/setup.md).
 export GOMP_SPINCOUNT ?= 10000
 
-.PHONY: course setup model browser test lint bench timings exercises check-exercises grade clean help
+.PHONY: course setup model browser sandbox test lint bench timings exercises check-exercises grade clean help
 OUT ?= outputs/grading
 
 help:
@@ -68,6 +68,15 @@ browser:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 		else echo "Install Debian's chromium (sudo apt-get install chromium) for the browser tests."; exit 1; fi; }
 
+# bubblewrap for grading in an OS sandbox (course_tools/grading/isolation.py), installed the way
+# chromium is; prlimit and setpriv come with util-linux. Without it grading falls back to the
+# in-process guard and says so.
+sandbox:
+	@command -v bwrap >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+		else echo "For grading in an OS sandbox install bubblewrap (sudo apt-get install bubblewrap)."; fi; }
+
 lint: setup
 	$(BIN)/ruff check conftest.py course_utils course_tools examples tests notebooks solutions
 	$(BIN)/ruff format --check conftest.py course_utils course_tools examples tests notebooks solutions
@@ -81,7 +90,7 @@ lint: setup
 # two runs from overlapping.
 TEST_WORKERS ?= 2
 TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
-test: model browser lint
+test: model browser sandbox lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(TEST_THREADS) $(BIN)/python -m pytest \
 		tests notebooks -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 $(PYTEST_ARGS)
@@ -108,7 +117,7 @@ check-exercises: setup
 	$(BIN)/python -m course_tools.grading validate
 
 # SUBMISSIONS/<student>/<notebook>.ipynb -> $(OUT)/grades.csv + $(OUT)/feedback/
-grade: setup
+grade: setup sandbox
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/ [OUT=outputs/grading] [GRADE_ARGS='--jobs 2']"; exit 2; }
 	$(BIN)/python -m course_tools.grading "$(SUBMISSIONS)" --out "$(OUT)" $(GRADE_ARGS)
 

@@ -44,6 +44,12 @@ def _grade_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student-timeout", type=float, default=DEFAULT_STUDENT_TIMEOUT)
     parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES)
     parser.add_argument("--jobs", type=int, default=1, help="students graded at the same time")
+    parser.add_argument(
+        "--isolation",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="each kernel in the OS sandbox (bubblewrap): auto = wherever it works",
+    )
     return parser
 
 
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         student_timeout=args.student_timeout,
         max_output_bytes=args.max_output_bytes,
         jobs=args.jobs,
+        isolate={"auto": None, "on": True, "off": False}[args.isolation],
     )
     return 0 if rows else 1
 

@@ -9,6 +9,9 @@ assignment at a time, each in a subprocess of its own, in a course folder of its
 
 * a per-cell time limit (an infinite loop costs that cell, not the batch), a limit for the whole
   notebook (the subprocess group is killed), an output cap per cell and a file-size cap;
+* on Linux with bubblewrap, the kernel runs in an OS sandbox (``isolation``): a read-only
+  system, its own scratch and notebook folders only, no network, its own PID namespace and user,
+  memory, CPU, process and file-size limits;
 * inside the kernel (``sandbox``) a Python audit hook refuses writes and deletions outside the kernel's own
   working folder, starting processes, signalling others, ``os._exit``, and reading the
   solutions, the gradebook or other learners' notebooks;
@@ -53,6 +56,7 @@ from .config import (
     EXERCISES_DIR,
     SANDBOX_HIDDEN,
     SANDBOX_LOG,
+    SANDBOX_SETTINGS,
     SANDBOX_WRITABLE,
     SOLUTIONS_DIR,
     STUDENT_ID,
@@ -63,6 +67,7 @@ from .config import (
     run_app,
 )
 from .generate import generate_into
+from .isolation import DEFAULT_LIMITS, Limits, available, readable_paths, settings_for
 from .sandbox import kill_group, limit_resources, restore, snapshot_digest, take_snapshot
 
 
@@ -321,8 +326,17 @@ def _job_folder(job: _Job, base: Path, work: Path) -> Path:
     return root
 
 
-def _worker_env(scratch: Path, hidden: list[Path], work: Path) -> dict[str, str]:
-    """The worker's environment: every writable place in its scratch, the sandbox's settings."""
+def _worker_env(
+    scratch: Path, hidden: list[Path], work: Path, limits: Limits | None, sockets: Path
+) -> dict[str, str]:
+    """The worker's environment: every writable place in its scratch, the sandbox's settings.
+
+    With `limits` the worker starts its kernel in the OS sandbox (isolation) with those limits.
+    """
+    isolated = {}
+    if limits is not None:
+        readable = readable_paths([cache_dir(), Path(_hub_cache())])
+        isolated = {SANDBOX_SETTINGS: settings_for(scratch, sockets, readable, limits)}
     return {
         **os.environ,
         "HOME": str(scratch / "home"),
@@ -333,6 +347,7 @@ def _worker_env(scratch: Path, hidden: list[Path], work: Path) -> dict[str, str]
         "MPLCONFIGDIR": str(scratch / "mpl"),
         "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"),
         "XDG_CACHE_HOME": str(scratch / "cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(scratch / "cache" / "torchinductor"),
         # the instructor's model caches, read-only for the kernel: HOME moved, they did not
         CACHE_VARIABLE: str(cache_dir()),
         "HF_HUB_CACHE": _hub_cache(),
@@ -343,6 +358,7 @@ def _worker_env(scratch: Path, hidden: list[Path], work: Path) -> dict[str, str]
         SANDBOX_LOG: str(scratch / "blocked.log"),
         # the solutions, the gradebook and other learners' notebooks; its own folders stay open
         SANDBOX_HIDDEN: os.pathsep.join(str(p) for p in [*hidden, work]),
+        **isolated,
     }
 
 
@@ -446,13 +462,16 @@ def _grade_job(
     student_timeout: float,
     max_output: int,
     logs: Path,
+    limits: Limits | None,
 ) -> list[GradeRow]:
     """Grade one student's assignment in its own course folder and subprocess."""
     mine = [e for e in exercises if e.assignment == job.assignment]
     started = time.monotonic()
     root = _job_folder(job, base, work)
-    env = _worker_env(root / "scratch", hidden, work)
+    sockets = Path(tempfile.mkdtemp(prefix="cg-"))  # short: a socket's path has 107 bytes at most
+    env = _worker_env(root / "scratch", hidden, work, limits, sockets)
     failure, code = _run_worker(job, root, env, cell_timeout, student_timeout, max_output)
+    shutil.rmtree(sockets, ignore_errors=True)
     seconds = time.monotonic() - started
     result, failure = _read_result(root, failure, code)
     rows = _score_rows(job, mine, result, failure, _keep_logs(job, root, logs))
@@ -503,6 +522,8 @@ def grade_submissions(
     student_timeout: float = DEFAULT_STUDENT_TIMEOUT,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     jobs: int = 1,
+    isolate: bool | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> list[GradeRow]:
     """Grade every student folder in ``submissions``; write ``out``/grades.csv and feedback/.
 
@@ -511,11 +532,13 @@ def grade_submissions(
     hangs, floods its output or touches files it should not gets zero for what failed and a
     reason, and the batch goes on. ``assignments`` limits grading to those assignments
     (default: every assignment at least one student handed a notebook in for).
+
+    ``isolate``: run each kernel in the OS sandbox (bubblewrap, see ``isolation``) with
+    ``limits``; None (the default) does so wherever bubblewrap works, and otherwise says once
+    that the in-process guard alone does not isolate students from each other.
     """
-    positive_number(cell_timeout, "cell_timeout", "cell_timeout=60")
-    positive_number(student_timeout, "student_timeout", "student_timeout=60")
-    positive_int(max_output_bytes, "max_output_bytes", "max_output_bytes=200_000")
-    positive_int(jobs, "jobs", "jobs=2")
+    _check_numbers(cell_timeout, student_timeout, max_output_bytes, jobs)
+    kernel_limits = _isolation(isolate, limits)
     submissions, solutions, exercises_dir, out = _checked_folders(
         submissions, solutions, exercises, out
     )
@@ -542,8 +565,8 @@ def grade_submissions(
             """Grade one job, then put back any instructor's file it changed."""
             if not job.notebooks:
                 return _ungraded_rows(job, all_exercises)
-            limits = (cell_timeout, student_timeout, max_output_bytes)
-            args = (job, base, work, all_exercises, hidden, *limits, logs)
+            timing = (cell_timeout, student_timeout, max_output_bytes)
+            args = (job, base, work, all_exercises, hidden, *timing, logs, kernel_limits)
             return guard.check(_grade_job(*args))
 
         print(f"Grading {len(staged)} submission(s), {jobs} at a time:", flush=True)
@@ -552,6 +575,41 @@ def grade_submissions(
     _write_grades(out, rows)
     guard.check([])
     return rows
+
+
+def _check_numbers(cell_timeout, student_timeout, max_output_bytes, jobs) -> None:
+    """The time limits, the output cap and the number of jobs are positive numbers."""
+    positive_number(cell_timeout, "cell_timeout", "cell_timeout=60")
+    positive_number(student_timeout, "student_timeout", "student_timeout=60")
+    positive_int(max_output_bytes, "max_output_bytes", "max_output_bytes=200_000")
+    positive_int(jobs, "jobs", "jobs=2")
+
+
+def _isolation(isolate: bool | None, limits: Limits) -> Limits | None:
+    """The kernels' limits when they run in the OS sandbox, or None (and why, said once)."""
+    if not isinstance(limits, Limits):
+        raise TypeError("limits must be a course_tools.grading.isolation.Limits(...).")
+    works = available()
+    if isolate and not works:
+        raise RuntimeError(
+            "The OS sandbox needs Linux with bubblewrap, prlimit and setpriv (Debian: sudo apt-get "
+            "install bubblewrap util-linux); install them or grade with isolate=None."
+        )
+    if isolate is False or not works:
+        print(
+            "note: grading WITHOUT the OS sandbox (bubblewrap "
+            + ("not used" if works else "not available here")
+            + "): the in-process guard stops Python-level attempts only, and does not isolate "
+            "students from each other (instructors/README.md, Grading safely).",
+            file=sys.stderr,
+        )
+        return None
+    print(
+        f"Each kernel runs in the OS sandbox (bubblewrap, no network, limits: "
+        f"{limits.memory_bytes / 1024**3:g} GiB, {limits.processes} processes).",
+        flush=True,
+    )
+    return limits
 
 
 def _checked_folders(submissions, solutions, exercises, out) -> tuple[Path, Path, Path, Path]:

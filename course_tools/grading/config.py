@@ -65,6 +65,9 @@ SANDBOX_HIDDEN = "COURSE_GRADING_HIDDEN"  # os.pathsep-separated paths the kerne
 SANDBOX_LOG = "COURSE_GRADING_LOG"  # the file where the kernel notes what it refused
 
 
+SANDBOX_SETTINGS = "COURSE_GRADING_SANDBOX"  # JSON for isolation.SandboxedKernelManager, or unset
+
+
 _BADGE = re.compile(
     r"(https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/[^/\s)]+/)solutions/"
 )
@@ -199,7 +202,13 @@ def nbgrader_config(
     c.LimitOutput.max_traceback = 100
     c.HTMLExporter.sanitize_html = True  # feedback pages show learners' outputs: no scripts
     if sandbox:
-        code = "import course_tools.grading.sandbox as _g; _g.install_sandbox(); del _g"
+        # the checks' comparisons are bound before any student code runs, then the audit guard
+        code = (
+            "import course_utils.exercise_checks.feedback; "
+            "import course_tools.grading.sandbox as _g; _g.install_sandbox(); del _g"
+        )
+        if os.environ.get(SANDBOX_SETTINGS):  # the batch chose the OS sandbox (isolation)
+            c.Execute.kernel_manager_class = "course_tools.grading.isolation.SandboxedKernelManager"
         c.Execute.extra_arguments = [
             "--HistoryManager.hist_file=:memory:",
             f"--IPKernelApp.exec_lines={code}",

@@ -4,8 +4,9 @@ Inside the kernel a Python audit hook refuses writes and deletions outside the k
 working folder, starting processes, signalling others, ``os._exit``, and reading the solutions,
 the gradebook or other learners' notebooks; the worker runs with resource limits, in its own
 process group; the instructor's folders are compared with a snapshot after each student and
-restored if they changed. Not a security boundary against a determined attacker (a C extension
-can bypass an audit hook): grade untrusted code from strangers in a container or a VM.
+restored if they changed. Not a security boundary against a determined attacker (C code, through
+ctypes, bypasses an audit hook): on Linux the OS sandbox (``isolation``, bubblewrap) is the
+boundary, and this guard is the fallback where bubblewrap is missing.
 """
 
 from __future__ import annotations

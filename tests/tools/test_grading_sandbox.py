@@ -1,0 +1,345 @@
+"""A hostile batch graded in the OS sandbox (bubblewrap), then with the in-process guard alone.
+
+Honest students (solved, untouched, partial) and hostile ones that try to (a) read another
+student's notebook and the masters, by open, by `cat` and by C; (b) delete another submission
+through a subprocess and through C; (c) reach a server on 127.0.0.1; (d) fork in a loop; (e)
+allocate memory until stopped; (f) write a file until stopped; (g) replace torch.allclose,
+torch.equal, torch.testing.assert_close, math.isclose, numpy.allclose and the course's
+reference class, then hand in a wrong answer. Each hostile answer ends with the model answer,
+so what it earns is what its real answers earn.
+
+In the sandbox every attack fails and every grade is the honest one. With the guard alone the
+test records what it cannot stop (instructors/README.md lists the same): C-level reads and
+deletions (deletions are undone by the snapshot afterwards) and the network; forking and memory
+are not tried there, since nothing would stop them.
+"""
+
+import hashlib
+import html
+import re
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_tools import grading
+from course_tools.grading import isolation
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA = "02_lora_math/02_lora_math_exercises.ipynb"
+MASTER_SECRET = "MASTER-SECRET-4711"  # planted in the model answer: no student may see it
+ALICE_SECRET = "ALICE-SECRET-0815"  # planted in alice's answer
+LIMITS = isolation.Limits(memory_bytes=6 * 1024**3, processes=96, file_bytes=32 * 1024**2)
+
+READ = """
+import ctypes, subprocess
+libc = ctypes.CDLL(None)
+for path in {paths!r}:
+    try:
+        print("open:", open(path).read())
+    except Exception as error:
+        print("open failed:", type(error).__name__)
+    try:
+        print("cat:", subprocess.run(["cat", path], capture_output=True, text=True).stdout)
+    except Exception as error:
+        print("cat failed:", type(error).__name__)
+    fd = libc.open(path.encode(), 0)
+    buffer = ctypes.create_string_buffer(1_000_000)
+    size = libc.read(fd, buffer, 1_000_000) if fd >= 0 else -1
+    print("C read:", buffer.raw[: max(size, 0)].decode(errors="replace"))
+"""
+DELETE = """
+import ctypes, subprocess
+try:
+    subprocess.run(["rm", "-f", {path!r}])
+except Exception as error:
+    print("rm failed:", type(error).__name__)
+print("C unlink:", ctypes.CDLL(None).unlink({path!r}.encode()))
+"""
+CONNECT = """
+import socket
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=3).sendall(b"stolen answers")
+    print("connected")
+except OSError as error:
+    print("no connection:", error)
+"""
+FORK = """
+import ctypes
+libc = ctypes.CDLL(None)
+forks = 0
+for _ in range(1000):
+    pid = libc.fork()
+    if pid == 0:
+        libc.pause()  # a child sleeps until the sandbox goes
+    if pid < 0:
+        break
+    forks += 1
+print("FORKS", forks)
+"""
+HOG = """
+chunks = []
+try:
+    while True:
+        chunks.append(bytearray(64 * 2**20))
+except MemoryError:
+    print("HOG stopped at", len(chunks) * 64, "MB")
+del chunks
+"""
+FILL = """
+try:
+    with open("big.bin", "wb") as big:
+        while True:
+            big.write(bytes(2**20))
+except OSError as error:
+    print("FILL stopped:", error.strerror)
+"""
+SPOOF = """
+import math
+import numpy
+import torch
+import course_utils.lora
+
+torch.allclose = lambda *args, **kwargs: True
+torch.equal = lambda *args, **kwargs: True
+torch.testing.assert_close = lambda *args, **kwargs: None
+math.isclose = lambda *args, **kwargs: True
+numpy.allclose = lambda *args, **kwargs: True
+
+
+class Agreeable(torch.nn.Module):
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.lora_A, self.lora_B = base, torch.zeros(1), torch.zeros(1)
+
+    def forward(self, x):
+        return self.base(x)
+
+
+course_utils.lora.LoRALinear = Agreeable
+
+
+def lora_forward(x, W, A, B, alpha, r):
+    return x @ W.T  # wrong: no LoRA update
+"""
+
+
+def _answers(master: Path) -> dict[str, str]:
+    cells = nbformat.read(master, as_version=4).cells
+    return {
+        c.metadata["nbgrader"]["grade_id"]: c.source
+        for c in cells
+        if c.metadata.get("nbgrader", {}).get("solution")
+    }
+
+
+def _notebook(exercises: Path, solutions: Path, answers: dict[str, str]):
+    """The student version with answers; SOLVED stands for the model answer."""
+    notebook = nbformat.read(exercises / LORA, as_version=4)
+    model = _answers(solutions / LORA)
+    for cell in notebook.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = answers[grade_id].replace("SOLVED", model[grade_id])
+    return notebook
+
+
+def _digest(*folders: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for folder in folders
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+class Listener:
+    """A TCP server on 127.0.0.1 that counts who reached it."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.5)
+        self.port, self.reached, self.running = self.server.getsockname()[1], 0, True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                continue
+            self.reached += 1
+            connection.close()
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.server.close()
+
+
+def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...]) -> dict:
+    """Grade honest students and the `hostile` ones; return what the test needs."""
+    solutions, exercises = tmp / "course" / "solutions", tmp / "course" / "exercises"
+    shutil.copytree(ROOT / "solutions" / "02_lora_math", solutions / "02_lora_math")
+    shutil.copytree(ROOT / "exercises" / "02_lora_math", exercises / "02_lora_math")
+    master = solutions / LORA
+    submissions = tmp / "submissions"
+    alice = submissions / "alice" / "02_lora_math_exercises.ipynb"
+    ids = list(_answers(master))
+    solved = dict.fromkeys(ids, "SOLVED")
+    listener = Listener()
+    attacks = {
+        "reader": READ.format(paths=[str(master), str(alice)]),
+        "vandal": DELETE.format(path=str(alice)),
+        "caller": CONNECT.format(port=listener.port),
+        "forker": FORK,
+        "hog": HOG,
+        "filler": FILL,
+    }
+    students = {
+        "alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"},
+        "bob": {},
+        "carol": {ids[0]: "SOLVED"},
+        **{
+            name: {**solved, ids[0]: attacks[name] + "\nSOLVED"}
+            for name in hostile
+            if name in attacks
+        },
+    }
+    if "spoofer" in hostile:
+        students["spoofer"] = {**solved, ids[0]: SPOOF}
+    for name, answers in students.items():
+        target = submissions / name / "02_lora_math_exercises.ipynb"
+        target.parent.mkdir(parents=True)
+        nbformat.write(_notebook(exercises, solutions, answers), target)
+    notebook = nbformat.read(master, as_version=4)
+    for cell in notebook.cells:  # after the submissions: plant a secret in the model answer
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == "ex1_lora_forward":
+            cell.source = cell.source.replace(
+                "### END SOLUTION", f"# {MASTER_SECRET}\n### END SOLUTION"
+            )
+    nbformat.write(notebook, master)
+    watched = (solutions, exercises, submissions, ROOT / "solutions", ROOT / "exercises")
+    before = _digest(*watched)
+    started = time.monotonic()
+    rows = grading.grade_submissions(
+        submissions, tmp / "out", solutions=solutions, exercises=exercises,
+        cell_timeout=60, student_timeout=300, jobs=2, isolate=isolate, limits=LIMITS,
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    listener.close()
+    totals, reasons = {}, {}
+    for row in rows:
+        totals[row.student] = totals.get(row.student, 0) + row.score
+        reasons.setdefault(row.student, []).append(row.reason)
+    pages = {
+        name: html.unescape(next((tmp / "out" / "feedback" / name).rglob("*.html")).read_text())
+        for name in students
+    }
+    return {
+        "totals": totals, "reasons": reasons, "pages": pages, "reached": listener.reached,
+        "before": before, "after": _digest(*watched), "seconds": seconds,
+    }  # fmt: skip
+
+
+def _printed_number(page: str, label: str) -> int | None:
+    """The number a hostile answer printed after `label`, from its feedback page."""
+    found = re.search(rf"{label} (\d+)", page)
+    return int(found.group(1)) if found else None
+
+
+HONEST = {"alice": 10, "bob": 0, "carol": 2}
+HOSTILE = ("reader", "vandal", "caller", "forker", "hog", "filler", "spoofer")
+
+
+@pytest.fixture(scope="module")
+def sandboxed(tmp_path_factory):
+    if not isolation.available():
+        pytest.fail(
+            "bubblewrap is missing: make test installs it (make sandbox); see docs/tests.md"
+        )
+    return _grade(tmp_path_factory.mktemp("sandboxed"), True, HOSTILE)
+
+
+def test_honest_students_get_their_own_grades(sandboxed):
+    assert {name: sandboxed["totals"][name] for name in HONEST} == HONEST
+
+
+def test_each_attacker_gets_what_its_real_answers_earn(sandboxed):
+    totals = sandboxed["totals"]
+    for name in ("reader", "vandal", "caller", "forker", "hog", "filler"):
+        assert totals[name] == 10, (name, sandboxed["reasons"][name])
+    assert totals["spoofer"] == 10 - 2, sandboxed["reasons"]["spoofer"]
+    assert "gives wrong values" in " ".join(sandboxed["reasons"]["spoofer"])
+
+
+def test_no_one_reads_the_masters_or_another_students_notebook(sandboxed):
+    for name, page in sandboxed["pages"].items():
+        assert MASTER_SECRET not in page, name
+        assert ALICE_SECRET not in page or name == "alice", name
+
+
+def test_nothing_outside_a_scratch_folder_changes_and_nothing_needed_restoring(sandboxed):
+    assert sandboxed["before"] == sandboxed["after"]
+    assert not any("restored" in r for rows in sandboxed["reasons"].values() for r in rows)
+
+
+def test_no_network_and_bounded_forks_memory_and_files(sandboxed):
+    pages = sandboxed["pages"]
+    assert sandboxed["reached"] == 0 and "no connection" in pages["caller"]
+    forks = _printed_number(pages["forker"], "FORKS")
+    assert forks is not None and forks < LIMITS.processes, forks
+    assert "HOG stopped at" in pages["hog"]
+    assert "FILL stopped: File too large" in pages["filler"]
+
+
+def test_the_batch_finishes_within_a_bound(sandboxed):
+    print(f"hostile batch in the sandbox: {sandboxed['seconds']:.0f} s")
+    assert sandboxed["seconds"] < 900
+
+
+def test_the_guard_alone_says_what_it_cannot_stop(tmp_path):
+    """Without bubblewrap: Python-level attempts are stopped; C-level reads and the network are not."""
+    result = _grade(tmp_path, False, ("reader", "vandal", "caller", "spoofer"))
+    assert {name: result["totals"][name] for name in HONEST} == HONEST
+    assert result["totals"]["spoofer"] == 8  # the bound comparisons hold in the kernel
+    assert "cat failed: PermissionError" in result["pages"]["reader"]  # no subprocess
+    assert MASTER_SECRET in result["pages"]["reader"]  # C read: the guard cannot stop it
+    assert result["reached"] == 1  # the network is open
+    restored = " ".join(result["reasons"]["vandal"])
+    assert "restored" in restored  # the C unlink happened, and the snapshot put the file back
+    assert result["before"] == result["after"]
+
+
+def test_the_sandbox_command_hides_the_rest_and_cuts_the_network(tmp_path):
+    readable, writable = [tmp_path / "venv"], [tmp_path / "scratch"]
+    for folder in (*readable, *writable):
+        folder.mkdir()
+    command = isolation.sandboxed(
+        ["python", "-m", "ipykernel_launcher"], readable, writable, LIMITS
+    )
+    assert command[0] == "prlimit" and f"--nproc={LIMITS.processes}" in command
+    assert {"--unshare-net", "--unshare-pid", "--die-with-parent"} <= set(command)
+    text = " ".join(command)
+    assert f"--ro-bind {readable[0]} {readable[0]}" in text
+    assert f"--bind {writable[0]} {writable[0]}" in text
+    assert f"--perms 0755 --dir {tmp_path}" in text  # the folders above are traversable
+    assert ("setpriv" in command) is (isolation.kernel_uid() is not None)
+    assert command[-3:] == ["python", "-m", "ipykernel_launcher"]
+
+
+def test_limits_and_isolation_choices_are_checked(monkeypatch, capsys):
+    with pytest.raises(ValueError, match="processes"):
+        isolation.Limits(processes=0)
+    monkeypatch.setattr(grading.batch, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="bubblewrap"):
+        grading.batch._isolation(True, LIMITS)
+    assert grading.batch._isolation(None, LIMITS) is None
+    assert "WITHOUT the OS sandbox" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="Limits"):
+        grading.batch._isolation(None, {"memory_bytes": 1})
