@@ -193,6 +193,8 @@ def convert_offline_copy(name: str = DEFAULT_MODEL) -> Path:
                 indent=1,
             )
         )
+        for path in [staging, *staging.iterdir()]:  # readable by all: a grading sandbox's
+            path.chmod(0o755 if path.is_dir() else 0o644)  # kernel runs as another user
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # atomic on one file system: no half-written cache is ever visible

@@ -204,7 +204,7 @@ def nbgrader_config(
     if sandbox:
         # the checks' comparisons are bound before any student code runs, then the audit guard
         code = (
-            "import course_utils.exercise_checks.feedback; "
+            "import course_utils.exercise_checks as _c; _c.import_all(); del _c; "
             "import course_tools.grading.sandbox as _g; _g.install_sandbox(); del _g"
         )
         if os.environ.get(SANDBOX_SETTINGS):  # the batch chose the OS sandbox (isolation)

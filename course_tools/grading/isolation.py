@@ -190,6 +190,16 @@ class SandboxedKernelManager(AsyncKernelManager):
         runtime = Path(json.loads(os.environ[SANDBOX_SETTINGS])["scratch"]) / "runtime"
         return str(runtime / f"kernel-{uuid.uuid4()}.json")
 
+    async def _async_interrupt_kernel(self) -> None:
+        """Interrupt by a message: a signal would reach bwrap outside, not the kernel inside."""
+        if not self.has_kernel:
+            raise RuntimeError("Cannot interrupt kernel. No kernel is running!")
+        message = self.session.msg("interrupt_request", content={})
+        self._connect_control_socket()
+        self.session.send(self._control_socket, message)
+
+    interrupt_kernel = _async_interrupt_kernel  # the async manager's methods are coroutines
+
     async def _async_launch_kernel(self, kernel_cmd: list[str], **kw) -> None:
         """Wrap ipykernel's command line in the sandbox, then launch it."""
         settings = json.loads(os.environ[SANDBOX_SETTINGS])

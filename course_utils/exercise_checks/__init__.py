@@ -13,3 +13,13 @@ notebook; under nbgrader (``NBGRADER_EXECUTION`` is set while it validates and a
 that does not pass raises ``AssertionError`` with the same line, and the cell earns no points.
 The hidden tests of the masters in ``solutions/`` call the same checks on other cases.
 """
+
+import importlib
+import pkgutil
+
+
+def import_all() -> None:
+    """Import every check module: the grader does so before a student's code runs, so the
+    references the checks compare with are bound before anything could replace them."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")

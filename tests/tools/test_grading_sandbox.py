@@ -5,7 +5,7 @@ student's notebook and the masters, by open, by `cat` and by C; (b) delete anoth
 through a subprocess and through C; (c) reach a server on 127.0.0.1; (d) fork in a loop; (e)
 allocate memory until stopped; (f) write a file until stopped; (g) replace torch.allclose,
 torch.equal, torch.testing.assert_close, math.isclose, numpy.allclose and the course's
-reference class, then hand in a wrong answer. Each hostile answer ends with the model answer,
+reference class in a cell of their own before the set-up cell, then hand in a wrong answer. Each hostile answer ends with the model answer,
 so what it earns is what its real answers earn.
 
 In the sandbox every attack fails and every grade is the honest one. With the guard alone the
@@ -121,8 +121,8 @@ class Agreeable(torch.nn.Module):
 
 
 course_utils.lora.LoRALinear = Agreeable
-
-
+"""
+WRONG = """
 def lora_forward(x, W, A, B, alpha, r):
     return x @ W.T  # wrong: no LoRA update
 """
@@ -212,11 +212,14 @@ def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...]) -> dict:
         },
     }
     if "spoofer" in hostile:
-        students["spoofer"] = {**solved, ids[0]: SPOOF}
+        students["spoofer"] = {**solved, ids[0]: WRONG}
     for name, answers in students.items():
         target = submissions / name / "02_lora_math_exercises.ipynb"
         target.parent.mkdir(parents=True)
-        nbformat.write(_notebook(exercises, solutions, answers), target)
+        notebook = _notebook(exercises, solutions, answers)
+        if name == "spoofer":  # its first cell, before the set-up imports the checks
+            notebook.cells.insert(0, nbformat.v4.new_code_cell(SPOOF))
+        nbformat.write(notebook, target)
     notebook = nbformat.read(master, as_version=4)
     for cell in notebook.cells:  # after the submissions: plant a secret in the model answer
         if cell.metadata.get("nbgrader", {}).get("grade_id") == "ex1_lora_forward":

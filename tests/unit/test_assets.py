@@ -83,6 +83,8 @@ def test_convert_once_then_load_from_the_cache(empty_cache, monkeypatch, capsys)
     assert assets.cache_problem(folder) is None
     manifest = json.loads((folder / assets.MANIFEST).read_text())
     assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
+    # readable by every user: a grading sandbox's kernel runs as another user
+    assert all(p.stat().st_mode & 0o004 for p in folder.iterdir())
 
     # The second load must come from the cache: converting again would fail here.
     def no_conversion(name):

@@ -1,16 +1,13 @@
 """Lesson 06's exercise checks: the usual mistakes get the hint that names them."""
 
-import logging
 import math
 import tempfile
 
+import bitsandbytes as bnb
 import pytest
 import torch
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional kernels
-import bitsandbytes as bnb  # noqa: E402
-from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
-from transformers import (  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model
+from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
     LlamaConfig,
