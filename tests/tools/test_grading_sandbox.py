@@ -182,8 +182,8 @@ class Listener:
         self.server.close()
 
 
-def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...]) -> dict:
-    """Grade honest students and the `hostile` ones; return what the test needs."""
+def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...], honest: bool = True) -> dict:
+    """Grade the `hostile` students (and, with `honest`, three honest ones); return the results."""
     solutions, exercises = tmp / "course" / "solutions", tmp / "course" / "exercises"
     shutil.copytree(ROOT / "solutions" / "02_lora_math", solutions / "02_lora_math")
     shutil.copytree(ROOT / "exercises" / "02_lora_math", exercises / "02_lora_math")
@@ -202,9 +202,8 @@ def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...]) -> dict:
         "filler": FILL,
     }
     students = {
-        "alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"},
-        "bob": {},
-        "carol": {ids[0]: "SOLVED"},
+        "alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"},  # the victim: always there
+        **({"bob": {}, "carol": {ids[0]: "SOLVED"}} if honest else {}),
         **{
             name: {**solved, ids[0]: attacks[name] + "\nSOLVED"}
             for name in hostile
@@ -308,8 +307,8 @@ def test_the_batch_finishes_within_a_bound(sandboxed):
 
 def test_the_guard_alone_says_what_it_cannot_stop(tmp_path):
     """Without bubblewrap: Python-level attempts are stopped; C-level reads and the network are not."""
-    result = _grade(tmp_path, False, ("reader", "vandal", "caller", "spoofer"))
-    assert {name: result["totals"][name] for name in HONEST} == HONEST
+    result = _grade(tmp_path, False, ("reader", "vandal", "caller", "spoofer"), honest=False)
+    assert result["totals"]["alice"] == 10
     assert result["totals"]["spoofer"] == 8  # the bound comparisons hold in the kernel
     assert "cat failed: PermissionError" in result["pages"]["reader"]  # no subprocess
     assert MASTER_SECRET in result["pages"]["reader"]  # C read: the guard cannot stop it
