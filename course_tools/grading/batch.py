@@ -54,6 +54,7 @@ from .config import (
     DEFAULT_OUT,
     DEFAULT_STUDENT_TIMEOUT,
     EXERCISES_DIR,
+    SANDBOX_CHECKS,
     SANDBOX_HIDDEN,
     SANDBOX_LOG,
     SANDBOX_SETTINGS,
@@ -470,6 +471,7 @@ def _grade_job(
     root = _job_folder(job, base, work)
     sockets = Path(tempfile.mkdtemp(prefix="cg-"))  # short: a socket's path has 107 bytes at most
     env = _worker_env(root / "scratch", hidden, work, limits, sockets)
+    env[SANDBOX_CHECKS] = job.assignment.split("_", 1)[-1]  # 02_lora_math: lora_math
     failure, code = _run_worker(job, root, env, cell_timeout, student_timeout, max_output)
     shutil.rmtree(sockets, ignore_errors=True)
     seconds = time.monotonic() - started

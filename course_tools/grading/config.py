@@ -65,6 +65,9 @@ SANDBOX_HIDDEN = "COURSE_GRADING_HIDDEN"  # os.pathsep-separated paths the kerne
 SANDBOX_LOG = "COURSE_GRADING_LOG"  # the file where the kernel notes what it refused
 
 
+SANDBOX_CHECKS = "COURSE_GRADING_CHECKS"  # the check module(s) the kernel imports before any cell
+
+
 SANDBOX_SETTINGS = "COURSE_GRADING_SANDBOX"  # JSON for isolation.SandboxedKernelManager, or unset
 
 
@@ -204,7 +207,8 @@ def nbgrader_config(
     if sandbox:
         # the checks' comparisons are bound before any student code runs, then the audit guard
         code = (
-            "import course_utils.exercise_checks as _c; _c.import_all(); del _c; "
+            "import course_utils.exercise_checks as _c; "
+            f"_c.import_all(__import__('os').environ.get('{SANDBOX_CHECKS}')); del _c; "
             "import course_tools.grading.sandbox as _g; _g.install_sandbox(); del _g"
         )
         if os.environ.get(SANDBOX_SETTINGS):  # the batch chose the OS sandbox (isolation)

@@ -18,8 +18,13 @@ import importlib
 import pkgutil
 
 
-def import_all() -> None:
-    """Import every check module: the grader does so before a student's code runs, so the
-    references the checks compare with are bound before anything could replace them."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+def import_all(names: str | None = None) -> None:
+    """Import the check modules (all, or the comma-separated `names`) and their feedback.
+
+    The grader does so before a student's code runs, so the references the checks compare with
+    are bound before anything could replace them.
+    """
+    known = [m.name for m in pkgutil.iter_modules(__path__)]
+    wanted = [n for n in names.split(",") if n in known] if names else known
+    for name in ["feedback", *wanted]:
+        importlib.import_module(f"{__name__}.{name}")

@@ -201,6 +201,7 @@ def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...], honest: bool = Tr
         "hog": HOG,
         "filler": FILL,
     }
+    attacks["intruder"] = attacks["reader"] + attacks["vandal"] + attacks["caller"]
     students = {
         "alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"},  # the victim: always there
         **({"bob": {}, "carol": {ids[0]: "SOLVED"}} if honest else {}),
@@ -307,13 +308,13 @@ def test_the_batch_finishes_within_a_bound(sandboxed):
 
 def test_the_guard_alone_says_what_it_cannot_stop(tmp_path):
     """Without bubblewrap: Python-level attempts are stopped; C-level reads and the network are not."""
-    result = _grade(tmp_path, False, ("reader", "vandal", "caller", "spoofer"), honest=False)
-    assert result["totals"]["alice"] == 10
-    assert result["totals"]["spoofer"] == 8  # the bound comparisons hold in the kernel
-    assert "cat failed: PermissionError" in result["pages"]["reader"]  # no subprocess
-    assert MASTER_SECRET in result["pages"]["reader"]  # C read: the guard cannot stop it
+    result = _grade(tmp_path, False, ("intruder",), honest=False)  # reader + vandal + caller
+    assert result["totals"] == {"alice": 10, "intruder": 10}
+    assert "cat failed: PermissionError" in result["pages"]["intruder"]  # no subprocess
+    assert MASTER_SECRET in result["pages"]["intruder"]  # C read: the guard cannot stop it
     assert result["reached"] == 1  # the network is open
-    restored = " ".join(result["reasons"]["vandal"])
+    # after whichever job finished next (2 at a time), the snapshot found alice's file gone
+    restored = " ".join(r for rows in result["reasons"].values() for r in rows)
     assert "restored" in restored  # the C unlink happened, and the snapshot put the file back
     assert result["before"] == result["after"]
 
