@@ -32,6 +32,7 @@ from course_utils.assets import TINY_LLAMA, load_tokenizer, tiny_llama
 from course_utils.data import load_instruction_task, prompt_messages, reference_answer
 from course_utils.evaluate import max_logit_difference
 from course_utils.exercise_checks.feedback import Wrong, allclose, exercise, expect, isclose
+from course_utils.exercise_checks.trainer_settings import plain_run_settings, setting
 from course_utils.lora import lora_scaling
 from course_utils.memory import count_params, get_config, lora_trainable_params
 
@@ -515,11 +516,6 @@ def merge_adapter(merge_adapter, cases=None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _name(value):
-    """An enum's value (TRL keeps some settings as enums), else the value."""
-    return getattr(value, "value", value)
-
-
 def _adapted(model):
     """The names of the layers that carry a LoRA adapter."""
     return {name.split(".lora_A.")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
@@ -558,8 +554,8 @@ def _setting_checks(args, steps, batch_size, learning_rate, warmup_steps):
             "TRL's default learning rate is not the run's: set learning_rate.",
         ),
         (
-            _name(args.lr_scheduler_type) == "cosine",
-            f"its schedule is {_name(args.lr_scheduler_type)!r}, the run decays along a cosine",
+            setting(args.lr_scheduler_type) == "cosine",
+            f"its schedule is {setting(args.lr_scheduler_type)!r}, the run decays along a cosine",
             "lr_scheduler_type names the schedule after the warm-up.",
         ),
         (
@@ -567,26 +563,7 @@ def _setting_checks(args, steps, batch_size, learning_rate, warmup_steps):
             f"it warms up for {args.get_warmup_steps(steps)} steps, the run for {warmup_steps}",
             "warmup_steps counts the steps of the linear warm-up.",
         ),
-        (
-            _name(args.logging_strategy) == "steps" and args.logging_steps == 1,
-            f"it logs every {args.logging_steps} steps, the run logs every step",
-            "TRL logs every 10 steps by default: set logging_steps.",
-        ),
-        (
-            _name(args.save_strategy) == "no",
-            f"its save_strategy is {_name(args.save_strategy)!r}: it would save checkpoints",
-            "save_strategy decides when checkpoints are written; this run writes none.",
-        ),
-        (
-            not args.bf16 and not args.fp16,
-            "it trains in half precision (bf16 or fp16), the run in fp32",
-            "TRL's SFTConfig turns bf16 on by default: switch it off.",
-        ),
-        (
-            not args.gradient_checkpointing,
-            "it uses gradient checkpointing, the run does not",
-            "TRL's SFTConfig turns gradient_checkpointing on by default: switch it off.",
-        ),
+        *plain_run_settings(args, "SFTConfig"),
     )
 
 

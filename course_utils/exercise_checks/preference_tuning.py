@@ -15,6 +15,7 @@ from trl import DPOTrainer
 
 from course_utils import assets, memory, preference
 from course_utils.exercise_checks.feedback import allclose, exercise, expect, isclose
+from course_utils.exercise_checks.trainer_settings import plain_run_settings
 
 #: Bound at import, like feedback's comparisons.
 _is_tensor = torch.is_tensor
@@ -355,11 +356,6 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def _name(value):
-    """An enum's value (TRL keeps some settings as enums), else the value."""
-    return getattr(value, "value", value)
-
-
 def _loss_at_zero_margin(loss_type, beta) -> float:
     """The loss of a pair whose policy is its reference (margin 0)."""
     zero = torch.zeros(1)
@@ -398,26 +394,7 @@ def _setting_checks(args, beta, loss_type, steps, batch_size, learning_rate) -> 
             f"its learning rate is {args.learning_rate:g}, the run's is {learning_rate:g}",
             "TRL's default learning rate is not the run's: set it.",
         ),
-        (
-            _name(args.logging_strategy) == "steps" and args.logging_steps == 1,
-            f"it logs every {args.logging_steps} steps, the run logs every step",
-            "TRL logs every 10 steps by default: set logging_steps.",
-        ),
-        (
-            _name(args.save_strategy) == "no",
-            f"its save_strategy is {_name(args.save_strategy)!r}: it would save checkpoints",
-            "save_strategy decides when checkpoints are written; this run writes none.",
-        ),
-        (
-            not args.bf16 and not args.fp16,
-            "it trains in half precision (bf16 or fp16), the run in fp32",
-            "TRL's DPO config turns bf16 on by default: switch it off.",
-        ),
-        (
-            not args.gradient_checkpointing,
-            "it uses gradient checkpointing, the run does not",
-            "TRL's DPO config turns gradient checkpointing on by default: switch it off.",
-        ),
+        *plain_run_settings(args, "DPO config"),
     )
 
 
