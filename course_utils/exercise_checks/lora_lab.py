@@ -8,15 +8,12 @@ vocabulary. Exercise 4's check trains that tiny model for a few steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
-import logging
 import math
 import numbers
 import tempfile
-import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -32,7 +29,7 @@ from course_utils.assets import TINY_LLAMA, load_tokenizer, tiny_llama
 from course_utils.data import load_instruction_task, prompt_messages, reference_answer
 from course_utils.evaluate import max_logit_difference
 from course_utils.exercise_checks.feedback import Wrong, allclose, exercise, expect, isclose
-from course_utils.exercise_checks.trainer_settings import plain_run_settings, setting
+from course_utils.exercise_checks.trainer_settings import plain_run_settings, quiet, setting
 from course_utils.lora import lora_scaling
 from course_utils.memory import count_params, get_config, lora_trainable_params
 
@@ -102,19 +99,6 @@ def _rental_examples(n, start=0):
     """n of the lab's training examples, with a one-line system message (as in the notebook)."""
     examples = load_instruction_task("train")[start : start + n]
     return [{"messages": [SYSTEM, *example["messages"][1:]]} for example in examples]
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Keep the libraries' warnings (pin_memory on a CPU, notices) off stderr, which nbgrader
-    counts as a failed test; errors still raise."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def _model_of(config):
@@ -641,7 +625,7 @@ def _check_row(sequence, labels, padding, by_ids) -> None:
 def _check_labels(trainer, examples, batch_size):
     """The first batch the trainer builds: labels on the answer's tokens only."""
     tokenizer = _tokenizer()
-    with _quiet():
+    with quiet():
         batch = next(iter(trainer.get_train_dataloader()))
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
     expect(
@@ -667,7 +651,7 @@ def _check_run(trainer, output_dir, steps, learning_rate, warmup_steps):
     """Train, then check the steps run, the log of every step and the schedule followed."""
     for progress in (NotebookProgressCallback, ProgressCallback, PrinterCallback):
         trainer.remove_callback(progress)  # the verdict and its report are all the check shows
-    with _quiet():
+    with quiet():
         trainer.train()
     state = trainer.state
     expect(
@@ -702,7 +686,7 @@ def _build_trainer(
 ):
     """Call sft_trainer quietly; explain TRL's refusal of bf16 on a machine without it."""
     try:
-        with _quiet():
+        with quiet():
             return sft_trainer(
                 _tiny_model(seed),
                 _tokenizer(),

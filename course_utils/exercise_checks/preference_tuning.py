@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +12,7 @@ from trl import DPOTrainer
 
 from course_utils import assets, memory, preference
 from course_utils.exercise_checks.feedback import allclose, exercise, expect, isclose
-from course_utils.exercise_checks.trainer_settings import plain_run_settings
+from course_utils.exercise_checks.trainer_settings import plain_run_settings, quiet
 
 #: Bound at import, like feedback's comparisons.
 _is_tensor = torch.is_tensor
@@ -343,19 +340,6 @@ def dpo_loss(dpo_loss, dpo_pair_weights, cases=None, loss_cases=None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Keep the libraries' warnings (pin_memory on a CPU, notices) off stderr, which nbgrader
-    counts as a failed test; errors still raise."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def _loss_at_zero_margin(loss_type, beta) -> float:
     """The loss of a pair whose policy is its reference (margin 0)."""
     zero = torch.zeros(1)
@@ -442,7 +426,7 @@ def _check_settings(trainer, tiny, beta, loss_type, r, steps, batch_size, learni
 def _build(dpo_trainer, tokenizer, pairs, beta, loss_type, r, steps, batch_size, lr, seed, out):
     """Call the learner's dpo_trainer; turn TRL's refusals into hints."""
     try:
-        with _quiet():
+        with quiet():
             return dpo_trainer(
                 assets.tiny_llama(tokenizer, seed=seed).eval(),
                 tokenizer,
@@ -526,7 +510,7 @@ def _check_trainer(
     _check_settings(trainer, tiny, *args)
     if not run:
         return None
-    with _quiet():
+    with quiet():
         trainer.train()
     return _check_log(trainer, output_dir, beta, loss_type, steps, learning_rate)
 
