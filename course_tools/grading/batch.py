@@ -12,6 +12,9 @@ assignment at a time, each in a subprocess of its own, in a course folder of its
 * on Linux with bubblewrap, the kernel runs in an OS sandbox (``isolation``): a read-only
   system, its own scratch and notebook folders only, no network, its own PID namespace and user,
   memory, CPU, process and file-size limits;
+* the learner's cells keep only their definitions (``definitions``): top-level code that could
+  replace what the tests compare with is commented out, and what learner functions return is
+  vetted by the checks (``course_utils.exercise_checks.feedback``);
 * inside the kernel (``sandbox``) a Python audit hook refuses writes and deletions outside the kernel's own
   working folder, starting processes, signalling others, ``os._exit``, and reading the
   solutions, the gradebook or other learners' notebooks;
@@ -67,6 +70,7 @@ from .config import (
     nbgrader_config,
     run_app,
 )
+from .definitions import MARK
 from .generate import generate_into
 from .isolation import DEFAULT_LIMITS, Limits, available, readable_paths, settings_for
 from .sandbox import kill_group, limit_resources, restore, snapshot_digest, take_snapshot
@@ -106,6 +110,7 @@ def _reasons(notebook, cell_timeout: float) -> dict[str, str]:
     """{test grade_id: why it did not pass} from an autograded notebook's error outputs."""
     reasons: dict[str, str] = {}
     pending: list[str] = []  # errors in the cells since the previous test cell
+    skipped = 0  # lines of those cells the grader did not run (definitions)
     for cell in notebook.cells:
         meta = cell.metadata.get("nbgrader", {})
         errors = [
@@ -122,10 +127,17 @@ def _reasons(notebook, cell_timeout: float) -> dict[str, str]:
                 errors = ["the test cell wrote to stderr (a warning?), which counts as failed"]
             parts = [f"answer: {p}" for p in dict.fromkeys(pending)]
             parts += [f"tests: {p}" for p in dict.fromkeys(errors)]
+            if skipped:
+                parts.append(
+                    f"the grader ran only the definitions of your cells: {skipped} line(s) "
+                    f"not run, marked `{MARK.strip()}` in your feedback"
+                )
             reasons[meta["grade_id"]] = "; ".join(parts)
-            pending = []
+            pending, skipped = [], 0
         else:
             pending.extend(errors)
+            if cell.cell_type == "code":
+                skipped += sum(line.startswith(MARK) for line in cell.source.splitlines())
     return reasons
 
 

@@ -19,6 +19,8 @@ from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 from nbgrader.utils import capture_log
 from traitlets.config import Config
 
+from .definitions import DefinitionsOnly
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -218,9 +220,13 @@ def nbgrader_config(
             f"--IPKernelApp.exec_lines={code}",
         ]
         capped = capped_execute(max_output_bytes)
+        c.DefinitionsOnly.masters = str(root / "solutions")
         c.Autograde.autograde_preprocessors = [
-            capped if pp is Execute else pp
-            for pp in Autograde.class_traits()["autograde_preprocessors"].default()
+            DefinitionsOnly,  # the learner's cells keep their definitions only
+            *(
+                capped if pp is Execute else pp
+                for pp in Autograde.class_traits()["autograde_preprocessors"].default()
+            ),
         ]
     return c
 

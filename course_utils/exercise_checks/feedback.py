@@ -25,6 +25,7 @@ allclose = torch.allclose
 equal = torch.equal
 isclose = math.isclose
 _COURSE_CODE = str(Path(__file__).resolve().parents[1])
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class Wrong(AssertionError):
@@ -67,6 +68,58 @@ def _say(line: str, passed: bool) -> None:
     print(line)
 
 
+def _learners_class(kind: type) -> bool:
+    """True if `kind`, a class it inherits from or one of their methods was written in the notebook.
+
+    A notebook's code runs in the module ``__main__``: its classes and functions say so.
+    """
+    for klass in kind.__mro__:
+        methods = (getattr(v, "__func__", v) for v in vars(klass).values())
+        if klass.__module__ == "__main__" or any(
+            getattr(m, "__module__", None) == "__main__" for m in methods
+        ):
+            return True
+    return False
+
+
+def _vet(value: object, name: str, depth: int = 0) -> None:
+    """Raise Wrong if `value` (or what it holds) could lie to a comparison."""
+    kind = type(value)
+    if isinstance(value, torch.Tensor):
+        expect(
+            kind in _TENSORS,
+            f"`{name}` returned a {kind.__name__}, a subclass of torch.Tensor. "
+            "Hint: return a plain tensor, as the operations on torch.Tensor give it.",
+        )
+        return
+    expect(
+        not _learners_class(kind),
+        f"`{name}` returned an object of the class {kind.__name__} written in the notebook. "
+        "Hint: return the value itself (a number, a tensor, a dict, ...), not an object of your own.",
+    )
+    if depth < 3 and kind in (tuple, list, set, frozenset):
+        for item in value:
+            _vet(item, name, depth + 1)
+    elif depth < 3 and kind is dict:
+        for key, item in value.items():
+            _vet(key, name, depth + 1)
+            _vet(item, name, depth + 1)
+
+
+def _vetted(function: object) -> object:
+    """`function`, whose results are vetted (_vet) before the check sees them."""
+    if not callable(function) or isinstance(function, type):
+        return function
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
+        _vet(result, getattr(function, "__name__", "your function"))
+        return result
+
+    return call
+
+
 def _names(answers: tuple[str, ...]) -> str:
     """`a`, `a` and `b`, `a`, `b` and `c`."""
     quoted = [f"`{name}`" for name in answers]
@@ -90,7 +143,8 @@ def exercise(number: int, *answers: str) -> Callable:
         def run(*args, **kwargs) -> None:
             hidden = "cases" in kwargs
             try:
-                report = check(*args, **kwargs)
+                mine = [_vetted(a) for a in args[: len(answers)]]  # the learner's functions
+                report = check(*mine, *args[len(answers) :], **kwargs)
             except NotImplementedError as error:
                 if str(error):  # torch's "... not implemented for 'Float'": the code ran
                     _say(f"❌ Exercise {number}: your code raised {_raised(error)}.", False)

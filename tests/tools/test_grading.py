@@ -1,17 +1,13 @@
-"""Grading a folder of submissions: right scores, clear reasons, and a batch nothing can break.
+"""Grading a folder of submissions: every assignment's model answers, a notebook that will not
+stop, the in-kernel guard on its own, and the small parts (file names, repair, arguments).
 
-The main test grades a hostile batch in one run: a solved notebook, an untouched one, a partial
-one, and students whose answers raise, hang, flood their output, end the kernel, or try to delete
-the instructor's files. The instructor's folders are copies in a temporary folder (so that a bug
-in the sandbox could never hurt the repository), and they must come out byte-identical.
+The batch of honest, misbehaving and hostile students is graded once, in
+tests/tools/test_grading_sandbox.py.
 """
 
 import copy
-import csv
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +20,6 @@ from course_tools import grading
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = "02_lora_math/02_lora_math_exercises.ipynb"
-QUANT = "03_quantization/03_quantization_exercises.ipynb"
 WHY = "01_why_finetune/01_why_finetune_exercises.ipynb"
 DATA = "04_data_preparation/04_data_preparation_exercises.ipynb"
 #: The labs whose fourth exercise trains or loads a tiny model through TRL or transformers.
@@ -33,17 +28,6 @@ LIBRARY_LABS = (
     "06_qlora_lab/06_qlora_lab_exercises.ipynb",
     "10_preference_tuning/10_preference_tuning_exercises.ipynb",
 )
-CELL_TIMEOUT = 10
-
-
-def _tree_digest(*folders: Path) -> dict[str, str]:
-    """sha256 of every file under the folders (to prove they were not touched)."""
-    return {
-        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-        for folder in folders
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _answers(master: Path) -> dict[str, str]:
@@ -67,178 +51,13 @@ def _submission(exercise: Path, master: Path, answers: dict[str, str]) -> nbform
     return notebook
 
 
-@pytest.fixture(scope="module")
-def batch(tmp_path_factory):
-    """Grade the hostile batch once; return (rows by student, out folder, digests, seconds)."""
-    tmp = tmp_path_factory.mktemp("grading")
-    solutions, exercises = tmp / "course" / "solutions", tmp / "course" / "exercises"
-    shutil.copytree(ROOT / "solutions", solutions)
-    shutil.copytree(ROOT / "exercises", exercises)
-    submissions = tmp / "submissions"
-    alice = submissions / "alice" / "02_lora_math_exercises.ipynb"
-    ids = list(_answers(solutions / LORA))
-    solved = dict.fromkeys(ids, "SOLVED")
-    delete = f"""
-import os
-import shutil
-import sqlite3
-import subprocess
-from pathlib import Path
-
-attempts = [
-    lambda: shutil.rmtree({str(exercises)!r}),
-    lambda: os.remove({str(alice)!r}),
-    lambda: open({str(alice)!r}, "w").write("overwritten"),
-    lambda: shutil.rmtree(Path.cwd().parent.parent),
-    lambda: sqlite3.connect(str(Path.cwd().parents[2] / "gradebook.db")).execute("delete from grade"),
-    lambda: subprocess.run(["rm", "-rf", {str(solutions)!r}]),
-    lambda: os.kill(os.getppid(), 9),
-    lambda: open({str(solutions / LORA)!r}).read(),
-    lambda: open({str(alice)!r}).read(),
-]
-for attempt in attempts:
-    try:
-        attempt()
-    except PermissionError as error:
-        print(error)
-shutil.rmtree({str(solutions)!r})
-SOLVED"""
-    students = {
-        "alice": solved,
-        "bob": {},
-        "carol": {ids[0]: "SOLVED"},
-        "raiser": {**solved, ids[1]: 'raise RuntimeError("boom")\nSOLVED'},
-        "hanger": {**solved, ids[0]: "while True:\n    pass\nSOLVED"},
-        "flooder": {**solved, ids[0]: 'for _ in range(20):\n    print("x" * 1_000_000)\nSOLVED'},
-        "crasher": {**solved, ids[1]: "import os\n\nos._exit(1)\nSOLVED"},
-        "deleter": {**solved, ids[0]: delete},
-    }
-    for name, answers in students.items():
-        target = submissions / name / "02_lora_math_exercises.ipynb"
-        target.parent.mkdir(parents=True)
-        nbformat.write(_submission(exercises / LORA, solutions / LORA, answers), target)
-    # carol also hands in lesson 03, solved, under the name a browser download gives it
-    renamed = submissions / "carol" / "Copy of 03_quantization_exercises (1).ipynb"
-    all_03 = dict.fromkeys(_answers(solutions / QUANT), "SOLVED")
-    nbformat.write(_submission(exercises / QUANT, solutions / QUANT, all_03), renamed)
-
-    watched = (solutions, exercises, submissions, ROOT / "solutions", ROOT / "exercises")
-    before = _tree_digest(*watched)
-    started = time.monotonic()
-    out = tmp / "out"
-    rows = grading.grade_submissions(
-        submissions,
-        out,
-        solutions=solutions,
-        exercises=exercises,
-        cell_timeout=CELL_TIMEOUT,
-        student_timeout=240,
-        jobs=2,
-    )
-    seconds = time.monotonic() - started
-    by_student: dict[str, dict[str, grading.GradeRow]] = {}
-    for row in rows:
-        by_student.setdefault(row.student, {})[f"{row.assignment}/{row.exercise}"] = row
-    return by_student, out, before, _tree_digest(*watched), seconds
-
-
-def _total(rows: dict, assignment: str = "02_lora_math") -> float:
-    return sum(r.score for key, r in rows.items() if key.startswith(assignment + "/"))
-
-
-def test_the_batch_fits_in_one_csv_with_a_row_per_student_and_exercise(batch):
-    by_student, out, *_ = batch
-    with open(out / "grades.csv", newline="") as handle:
-        table = list(csv.DictReader(handle))
-    assert tuple(table[0]) == grading.CSV_FIELDS
-    names = {"alice", "bob", "carol", "raiser", "hanger", "flooder", "crasher", "deleter"}
-    assert {row["student"] for row in table} == names == set(by_student)
-    assert len(table) == len(names) * 6  # 3 exercises in each of the 2 graded assignments
-    for row in table:
-        assert 0 <= float(row["score"]) <= float(row["max_score"])
-        assert row["status"] in ("passed", "failed", "missing", "error")
-        assert row["status"] == "passed" or row["reason"], row
-
-
-def test_a_solved_notebook_scores_full_marks(batch):
-    alice = batch[0]["alice"]
-    assert _total(alice) == 10
-    assert all(r.status == "passed" for k, r in alice.items() if k.startswith("02_"))
-    # lesson 03 was not handed in: zero, and the CSV says why
-    assert {r.status for k, r in alice.items() if k.startswith("03_")} == {"missing"}
-
-
-def test_an_untouched_exercise_scores_zero_and_says_it_is_not_answered(batch):
-    bob = batch[0]["bob"]
-    assert _total(bob) == 0
-    for key, row in bob.items():
-        if key.startswith("02_"):
-            assert row.status == "failed" and "not answered" in row.reason
-
-
-def test_a_partial_notebook_scores_in_between_and_a_renamed_download_is_recognised(batch):
-    carol = batch[0]["carol"]
-    assert 0 < _total(carol) < 10
-    assert _total(carol, "03_quantization") == 10
-
-
-def test_an_answer_that_raises_costs_only_its_exercise(batch):
-    raiser = batch[0]["raiser"]
-    assert _total(raiser) == 10 - 3
-    assert "RuntimeError: boom" in raiser["02_lora_math/ex2_lora_param_counts_tests"].reason
-
-
-def test_an_endless_loop_is_stopped_after_the_cell_timeout(batch):
-    hanger = batch[0]["hanger"]
-    row = hanger["02_lora_math/ex1_lora_forward_tests"]
-    assert row.score == 0 and f"longer than {CELL_TIMEOUT} s" in row.reason
-    assert _total(hanger) == 10 - 2
-
-
-def test_a_flood_of_output_is_cut_and_does_not_cost_points(batch):
-    by_student, out, *_ = batch
-    assert _total(by_student["flooder"]) == 10
-    [page] = (out / "feedback" / "flooder").rglob("*.html")
-    assert page.stat().st_size < 2_000_000
-    assert "the grader cut this cell" in page.read_text()
-
-
-def test_ending_the_kernel_costs_only_its_exercise(batch):
-    crasher = batch[0]["crasher"]
-    assert _total(crasher) == 10 - 3
-    assert "os._exit" in crasher["02_lora_math/ex2_lora_param_counts_tests"].reason
-
-
-def test_deleting_the_instructors_files_is_blocked_and_reported(batch):
-    deleter = batch[0]["deleter"]
-    row = deleter["02_lora_math/ex1_lora_forward_tests"]
-    assert row.score == 0 and "the grader blocked" in row.reason
-    assert _total(deleter) == 10 - 2
-
-
-def test_the_instructors_files_are_byte_identical_afterwards(batch):
-    *_, before, after, _seconds = batch
-    assert before == after
-
-
-def test_every_graded_student_gets_a_feedback_page(batch):
-    by_student, out, *_ = batch
-    for student in by_student:
-        pages = list((out / "feedback" / student / "02_lora_math").glob("*.html"))
-        assert len(pages) == 1, student
-
-
-def test_the_batch_takes_reasonable_time(batch):
-    print(f"hostile batch graded in {batch[-1]:.0f} s")
-    assert batch[-1] < 600
-
-
 def test_a_notebook_that_ignores_interrupts_is_killed_with_its_kernel(tmp_path):
     """The per-notebook limit: nothing of the stubborn notebook survives, the batch goes on."""
     import psutil
 
     stubborn = (
-        "import signal\n\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"
+        "def lora_forward(x, W, A, B, alpha, r):\n    import signal\n\n"
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n    while True:\n        pass\n"
     )
     ids = list(_answers(ROOT / "solutions" / LORA))
     target = tmp_path / "submissions" / "mule" / "02_lora_math_exercises.ipynb"

@@ -1,12 +1,17 @@
-"""A hostile batch graded in the OS sandbox (bubblewrap), then with the in-process guard alone.
+"""One batch graded in the OS sandbox (bubblewrap), then with the in-process guard alone.
 
-Honest students (solved, untouched, partial) and hostile ones that try to (a) read another
-student's notebook and the masters, by open, by `cat` and by C; (b) delete another submission
-through a subprocess and through C; (c) reach a server on 127.0.0.1; (d) fork in a loop; (e)
-allocate memory until stopped; (f) write a file until stopped; (g) replace torch.allclose,
-torch.equal, torch.testing.assert_close, math.isclose, numpy.allclose and the course's
-reference class in a cell of their own before the set-up cell, then hand in a wrong answer. Each hostile answer ends with the model answer,
-so what it earns is what its real answers earn.
+Honest students (solved, untouched, partial, and a lesson 03 notebook under a browser's download
+name) and students whose answers raise, hang, flood their output or end the kernel, and hostile
+ones that try to (a) read another student's notebook and the masters, by open, by `cat` and by
+C; (b) delete another submission through a subprocess and through C; (c) reach a server on
+127.0.0.1; (d) fork in a loop; (e) allocate memory until stopped; (f) write a file until stopped;
+(g) spoof the tests: replace torch.allclose, torch.equal, torch.testing.assert_close,
+math.isclose, numpy.allclose, the course's reference class (by name and in place), the
+comparison the checks use and the check itself, in cells of their own, then hand in a wrong
+answer; (h) lie: return objects whose comparisons always say yes. The attacks (a)-(f) run inside
+the answer function, when the tests call it (top-level code is not run by the grader: only
+definitions), and each such answer then returns the right value, so what it earns is what its
+real answers earn.
 
 In the sandbox every attack fails and every grade is the honest one. With the guard alone the
 test records what it cannot stop (instructors/README.md lists the same): C-level reads and
@@ -14,11 +19,13 @@ deletions (deletions are undone by the snapshot afterwards) and the network; for
 are not tried there, since nothing would stop them.
 """
 
+import csv
 import hashlib
 import html
 import re
 import shutil
 import socket
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -31,9 +38,11 @@ from course_tools.grading import isolation
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = "02_lora_math/02_lora_math_exercises.ipynb"
+QUANT = "03_quantization/03_quantization_exercises.ipynb"
 MASTER_SECRET = "MASTER-SECRET-4711"  # planted in the model answer: no student may see it
 ALICE_SECRET = "ALICE-SECRET-0815"  # planted in alice's answer
 LIMITS = isolation.Limits(memory_bytes=6 * 1024**3, processes=96, file_bytes=32 * 1024**2)
+CELL_TIMEOUT = 30
 
 READ = """
 import ctypes, subprocess
@@ -122,10 +131,72 @@ class Agreeable(torch.nn.Module):
 
 course_utils.lora.LoRALinear = Agreeable
 """
+SPOOF_AFTER_SETUP = """
+import course_utils.exercise_checks.feedback as feedback
+import course_utils.exercise_checks.lora_math as lora_math
+
+course_utils.lora.LoRALinear.forward = lambda self, x: self.base(x)  # in place, for everyone
+feedback.allclose = lambda *args, **kwargs: True
+lora_math._close = lambda *args: True
+check.lora_forward = lambda *args, **kwargs: print("✅ Exercise 1: `lora_forward` passes.")
+"""
 WRONG = """
 def lora_forward(x, W, A, B, alpha, r):
     return x @ W.T  # wrong: no LoRA update
 """
+LIES = """
+class Yes:
+    '''Equal to anything.'''
+
+    def __eq__(self, other):
+        return True
+
+    def __format__(self, spec):
+        return "0"
+
+
+def lora_param_counts(config, r):
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return {name: Yes() for name in names}
+
+
+def lora_total(config, r, targets):
+    return Yes()
+"""
+LYING_TENSOR = """
+def lora_forward(x, W, A, B, alpha, r):
+    import torch
+
+    def agree(cls, func, types, args=(), kwargs=None):
+        if func in (torch.allclose, torch.equal):
+            return True
+        return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs or {})
+
+    agreeable = type("Agreeable", (torch.Tensor,), {"__torch_function__": classmethod(agree)})
+    return (x @ W.T).as_subclass(agreeable)  # wrong values, in a tensor that agrees
+"""
+RIGHT_AFTER = """
+_attacked = []
+
+
+def lora_forward(x, W, A, B, alpha, r):
+    '''The right answer, after the attack (run once, when the tests first call it).'''
+    if not _attacked:
+        _attacked.append(True)
+        attack()
+    return x @ W.T + (alpha / r) * ((x @ A.T) @ B.T)
+"""
+MISBEHAVE = {  # answers that raise, hang, flood or end the kernel, in the answer function
+    "raiser": (1, "def lora_param_counts(config, r):\n    raise RuntimeError('boom')"),
+    "hanger": (0, "def lora_forward(x, W, A, B, alpha, r):\n    while True:\n        pass"),
+    "crasher": (1, "def lora_param_counts(config, r):\n    import os\n\n    os._exit(1)"),
+}
+FLOOD = "for _ in range(20):\n    print('x' * 1_000_000)"
+
+
+def _in_answer(attack: str) -> str:
+    """An answer cell that runs `attack` inside lora_forward, once, then answers right."""
+    return "def attack():\n" + textwrap.indent(attack.strip(), "    ") + "\n\n" + RIGHT_AFTER
 
 
 def _answers(master: Path) -> dict[str, str]:
@@ -137,10 +208,10 @@ def _answers(master: Path) -> dict[str, str]:
     }
 
 
-def _notebook(exercises: Path, solutions: Path, answers: dict[str, str]):
+def _notebook(exercises: Path, solutions: Path, answers: dict[str, str], relative: str):
     """The student version with answers; SOLVED stands for the model answer."""
-    notebook = nbformat.read(exercises / LORA, as_version=4)
-    model = _answers(solutions / LORA)
+    notebook = nbformat.read(exercises / relative, as_version=4)
+    model = _answers(solutions / relative)
     for cell in notebook.cells:
         grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
         if grade_id in answers:
@@ -182,16 +253,57 @@ class Listener:
         self.server.close()
 
 
+def _students(ids: list[str], attacks: dict[str, str], hostile, honest: bool) -> dict:
+    """{student: {answer cell: its source}}; SOLVED stands for the model answer."""
+    solved = dict.fromkeys(ids, "SOLVED")
+    students = {"alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"}}  # the victim
+    if honest:
+        students |= {"bob": {}, "carol": {ids[0]: "SOLVED"}}
+    for name in hostile:
+        if name in attacks:
+            students[name] = {**solved, ids[0]: _in_answer(attacks[name])}
+        elif name in MISBEHAVE:
+            cell, code = MISBEHAVE[name]
+            students[name] = {**solved, ids[cell]: f"SOLVED\n\n\n{code}\n"}
+    if "flooder" in hostile:
+        students["flooder"] = {**solved, ids[0]: _in_answer(FLOOD)}
+    if "spoofer" in hostile:
+        students["spoofer"] = {**solved, ids[0]: WRONG}
+    if "liar" in hostile:
+        students["liar"] = {**solved, ids[0]: LYING_TENSOR, ids[1]: LIES}
+    return students
+
+
+def _hand_in(submissions: Path, exercises: Path, solutions: Path, students: dict) -> None:
+    """Write each student's notebook; the spoofer's gets two cells of its own."""
+    for name, answers in students.items():
+        target = submissions / name / "02_lora_math_exercises.ipynb"
+        target.parent.mkdir(parents=True)
+        notebook = _notebook(exercises, solutions, answers, LORA)
+        if name == "spoofer":  # before the set-up imports the checks, and right after it
+            setup = next(
+                i
+                for i, c in enumerate(notebook.cells)
+                if c.metadata.get("nbgrader", {}).get("grade_id") == "setup"
+            )
+            notebook.cells.insert(setup + 1, nbformat.v4.new_code_cell(SPOOF_AFTER_SETUP))
+            notebook.cells.insert(0, nbformat.v4.new_code_cell(SPOOF))
+        nbformat.write(notebook, target)
+    if "carol" in students:  # carol also hands in lesson 03, solved, as a browser names it
+        renamed = submissions / "carol" / "Copy of 03_quantization_exercises (1).ipynb"
+        all_03 = dict.fromkeys(_answers(solutions / QUANT), "SOLVED")
+        nbformat.write(_notebook(exercises, solutions, all_03, QUANT), renamed)
+
+
 def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...], honest: bool = True) -> dict:
     """Grade the `hostile` students (and, with `honest`, three honest ones); return the results."""
     solutions, exercises = tmp / "course" / "solutions", tmp / "course" / "exercises"
-    shutil.copytree(ROOT / "solutions" / "02_lora_math", solutions / "02_lora_math")
-    shutil.copytree(ROOT / "exercises" / "02_lora_math", exercises / "02_lora_math")
+    for lesson in ("02_lora_math", "03_quantization"):
+        shutil.copytree(ROOT / "solutions" / lesson, solutions / lesson)
+        shutil.copytree(ROOT / "exercises" / lesson, exercises / lesson)
     master = solutions / LORA
     submissions = tmp / "submissions"
     alice = submissions / "alice" / "02_lora_math_exercises.ipynb"
-    ids = list(_answers(master))
-    solved = dict.fromkeys(ids, "SOLVED")
     listener = Listener()
     attacks = {
         "reader": READ.format(paths=[str(master), str(alice)]),
@@ -202,24 +314,8 @@ def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...], honest: bool = Tr
         "filler": FILL,
     }
     attacks["intruder"] = attacks["reader"] + attacks["vandal"] + attacks["caller"]
-    students = {
-        "alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"},  # the victim: always there
-        **({"bob": {}, "carol": {ids[0]: "SOLVED"}} if honest else {}),
-        **{
-            name: {**solved, ids[0]: attacks[name] + "\nSOLVED"}
-            for name in hostile
-            if name in attacks
-        },
-    }
-    if "spoofer" in hostile:
-        students["spoofer"] = {**solved, ids[0]: WRONG}
-    for name, answers in students.items():
-        target = submissions / name / "02_lora_math_exercises.ipynb"
-        target.parent.mkdir(parents=True)
-        notebook = _notebook(exercises, solutions, answers)
-        if name == "spoofer":  # its first cell, before the set-up imports the checks
-            notebook.cells.insert(0, nbformat.v4.new_code_cell(SPOOF))
-        nbformat.write(notebook, target)
+    students = _students(list(_answers(master)), attacks, hostile, honest)
+    _hand_in(submissions, exercises, solutions, students)
     notebook = nbformat.read(master, as_version=4)
     for cell in notebook.cells:  # after the submissions: plant a secret in the model answer
         if cell.metadata.get("nbgrader", {}).get("grade_id") == "ex1_lora_forward":
@@ -232,21 +328,26 @@ def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...], honest: bool = Tr
     started = time.monotonic()
     rows = grading.grade_submissions(
         submissions, tmp / "out", solutions=solutions, exercises=exercises,
-        cell_timeout=60, student_timeout=300, jobs=2, isolate=isolate, limits=LIMITS,
+        cell_timeout=CELL_TIMEOUT, student_timeout=300, jobs=2, isolate=isolate, limits=LIMITS,
     )  # fmt: skip
     seconds = time.monotonic() - started
     listener.close()
-    totals, reasons = {}, {}
+    totals, reasons, by_exercise = {}, {}, {}
     for row in rows:
-        totals[row.student] = totals.get(row.student, 0) + row.score
-        reasons.setdefault(row.student, []).append(row.reason)
+        if row.assignment == "02_lora_math":
+            totals[row.student] = totals.get(row.student, 0) + row.score
+            reasons.setdefault(row.student, []).append(row.reason)
+        by_exercise[row.student, row.exercise] = row
     pages = {
-        name: html.unescape(next((tmp / "out" / "feedback" / name).rglob("*.html")).read_text())
+        name: html.unescape(
+            next((tmp / "out" / "feedback" / name / "02_lora_math").glob("*.html")).read_text()
+        )
         for name in students
     }
     return {
         "totals": totals, "reasons": reasons, "pages": pages, "reached": listener.reached,
-        "before": before, "after": _digest(*watched), "seconds": seconds,
+        "before": before, "after": _digest(*watched), "seconds": seconds, "rows": by_exercise,
+        "out": tmp / "out",
     }  # fmt: skip
 
 
@@ -257,7 +358,8 @@ def _printed_number(page: str, label: str) -> int | None:
 
 
 HONEST = {"alice": 10, "bob": 0, "carol": 2}
-HOSTILE = ("reader", "vandal", "caller", "forker", "hog", "filler", "spoofer")
+ATTACKERS = ("reader", "vandal", "caller", "forker", "hog", "filler")
+HOSTILE = (*ATTACKERS, "spoofer", "liar", "raiser", "hanger", "flooder", "crasher")
 
 
 @pytest.fixture(scope="module")
@@ -269,16 +371,76 @@ def sandboxed(tmp_path_factory):
     return _grade(tmp_path_factory.mktemp("sandboxed"), True, HOSTILE)
 
 
+def _reason(sandboxed, student: str, exercise: str) -> str:
+    return sandboxed["rows"][student, exercise].reason
+
+
 def test_honest_students_get_their_own_grades(sandboxed):
     assert {name: sandboxed["totals"][name] for name in HONEST} == HONEST
+    bob = [r for (name, _), r in sandboxed["rows"].items() if name == "bob"]
+    bob = [r for r in bob if r.assignment == "02_lora_math"]
+    assert bob and all(r.status == "failed" and "not answered" in r.reason for r in bob)
+
+
+def test_a_renamed_download_is_recognised_and_a_missing_one_is_reported(sandboxed):
+    rows = sandboxed["rows"]
+    carol_03 = [r for (name, _), r in rows.items() if name == "carol" and r.notebook[:2] == "03"]
+    assert carol_03 and sum(r.score for r in carol_03) == sum(r.max_score for r in carol_03)
+    alice_03 = [r for (name, _), r in rows.items() if name == "alice" and r.notebook[:2] == "03"]
+    assert alice_03 and {r.status for r in alice_03} == {"missing"}
+
+
+def test_the_batch_fits_in_one_csv_with_a_row_per_student_and_exercise(sandboxed):
+    with open(sandboxed["out"] / "grades.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert tuple(table[0]) == grading.CSV_FIELDS
+    assert {row["student"] for row in table} == {*HONEST, *HOSTILE}
+    per_student = len([k for k in sandboxed["rows"] if k[0] == "alice"])
+    assert len(table) == len({*HONEST, *HOSTILE}) * per_student
+    for row in table:
+        assert 0 <= float(row["score"]) <= float(row["max_score"])
+        assert row["status"] in ("passed", "failed", "missing", "error")
+        assert row["status"] == "passed" or row["reason"], row
 
 
 def test_each_attacker_gets_what_its_real_answers_earn(sandboxed):
     totals = sandboxed["totals"]
-    for name in ("reader", "vandal", "caller", "forker", "hog", "filler"):
+    for name in ATTACKERS:
         assert totals[name] == 10, (name, sandboxed["reasons"][name])
-    assert totals["spoofer"] == 10 - 2, sandboxed["reasons"]["spoofer"]
-    assert "gives wrong values" in " ".join(sandboxed["reasons"]["spoofer"])
+
+
+def test_spoofing_the_tests_earns_nothing(sandboxed):
+    """Top-level patches (torch.allclose, the checks, LoRALinear in place) are not run."""
+    assert sandboxed["totals"]["spoofer"] == 10 - 2, sandboxed["reasons"]["spoofer"]
+    reason = _reason(sandboxed, "spoofer", "ex1_lora_forward_tests")
+    assert "gives wrong values" in reason and "not run" in reason, reason
+    page = sandboxed["pages"]["spoofer"]
+    assert "# [not run by the grader] check.lora_forward = lambda" in page
+
+
+def test_objects_that_agree_with_everything_earn_nothing(sandboxed):
+    """A tensor subclass that answers torch.allclose, a class whose == says yes: both caught."""
+    assert sandboxed["totals"]["liar"] == 5, sandboxed["reasons"]["liar"]
+    assert "subclass of torch.Tensor" in _reason(sandboxed, "liar", "ex1_lora_forward_tests")
+    assert "class Yes" in _reason(sandboxed, "liar", "ex2_lora_param_counts_tests")
+
+
+def test_an_answer_that_raises_hangs_or_ends_the_kernel_costs_only_its_exercise(sandboxed):
+    totals = sandboxed["totals"]
+    assert totals["raiser"] == 10 - 3
+    assert "RuntimeError: boom" in _reason(sandboxed, "raiser", "ex2_lora_param_counts_tests")
+    assert totals["hanger"] == 10 - 2
+    reason = _reason(sandboxed, "hanger", "ex1_lora_forward_tests")
+    assert f"longer than {CELL_TIMEOUT} s" in reason, reason
+    assert totals["crasher"] == 10 - 3
+    assert "os._exit" in _reason(sandboxed, "crasher", "ex2_lora_param_counts_tests")
+
+
+def test_a_flood_of_output_is_cut_and_does_not_cost_points(sandboxed):
+    assert sandboxed["totals"]["flooder"] == 10
+    [page] = (sandboxed["out"] / "feedback" / "flooder").rglob("*.html")
+    assert page.stat().st_size < 2_000_000
+    assert "the grader cut this cell" in sandboxed["pages"]["flooder"]
 
 
 def test_no_one_reads_the_masters_or_another_students_notebook(sandboxed):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from course_utils.exercise_checks.feedback import Wrong, exercise, expect
+from course_utils.exercise_checks.feedback import Wrong, allclose, exercise, expect
 
 
 @exercise(4, "double")
@@ -98,3 +98,80 @@ def test_a_library_not_implemented_error_is_a_wrong_answer_not_an_unanswered_one
     _check_double(double)
     out = capsys.readouterr().out
     assert out.startswith("❌ Exercise 4: your code raised NotImplementedError: 'lshift'"), out
+
+
+LIARS = """
+import torch
+
+
+class Yes:
+    def __eq__(self, other):
+        return True
+
+
+def yes(x):
+    return Yes()
+
+
+def yes_inside(x):
+    return {"value": [Yes()]}
+
+
+def agreeable(x):
+    def agree(cls, func, types, args=(), kwargs=None):
+        if func in (torch.allclose, torch.equal):
+            return True
+        return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs or {})
+
+    kind = type("Agreeable", (torch.Tensor,), {"__torch_function__": classmethod(agree)})
+    return torch.zeros(2).as_subclass(kind)
+"""
+
+
+@exercise(5, "same")
+def _check_same(same):
+    got = same(torch.ones(2))
+    expect(got == 7 or allclose(got, torch.full((2,), 7.0)), "same(x) is not 7. Hint: seven.")
+
+
+@pytest.fixture
+def liars():
+    """Functions written as in a notebook (module __main__) whose results say yes to anything."""
+    namespace = {"__name__": "__main__"}
+    exec(compile(LIARS, "<notebook cell>", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("yes", "an object of the class Yes written in the notebook"),
+        ("yes_inside", "an object of the class Yes written in the notebook"),
+        ("agreeable", "returned a Agreeable, a subclass of torch.Tensor"),
+    ],
+)
+def test_an_answer_that_agrees_with_everything_is_caught(liars, name, said, capsys):
+    _check_same(liars[name])
+    out = capsys.readouterr().out
+    assert out.startswith("❌ Exercise 5:") and said in out, out
+
+
+def test_without_the_vetting_those_answers_would_pass(liars):
+    assert liars["yes"](0) == 7
+    assert allclose(liars["agreeable"](0), torch.full((2,), 7.0))
+
+
+def test_only_the_answers_are_vetted_not_the_other_arguments(capsys):
+    @exercise(6, "apply")
+    def check(apply, tool):
+        expect(apply(tool) == 3 and tool.calls == 1, "apply(tool) is not 3. Hint: call it once.")
+
+    class Tool:  # a callable argument (a tokenizer, say): passed as it is
+        calls = 0
+
+        def __call__(self):
+            self.calls += 1
+            return 3
+
+    check(lambda tool: tool(), Tool())
+    assert capsys.readouterr().out.startswith("✅ Exercise 6")
