@@ -19,12 +19,16 @@ Every scheme in this module is a variation on that one idea:
    weight; quantizing those absmax values themselves to 8 bits brings it down to ~0.127.
 6. **Q4_1** - the llama.cpp/GGUF format: per block of 32 an fp16 scale ``d`` and an fp16
    minimum ``m``; each weight stores ``round((x - m) / d)`` in 4 bits (5 bits per weight).
+7. **fake quantization** for quantization-aware training (QAT) - the forward pass sees the
+   weights rounded to the blockwise grid, the backward pass lets the gradient through the
+   rounding unchanged (the straight-through estimator, STE).
 
 Everything is written with plain torch tensor operations so that each step can be printed
 and inspected in a notebook. Each scheme comes twice: the plain function lesson 03 writes in its
 own cells (``absmax_encode``, ``blockwise_encode``, ``nf4_code``, ``nf4_encode``, ... the same
 code here, checked by tests/notebooks/test_from_scratch.py) and the public ``..._quantize`` /
-``..._dequantize`` that checks its arguments, then calls it.
+``..._dequantize`` that checks its arguments, then calls it. ``fake_quantize`` (lesson 03,
+section 11) comes once: it is the lesson's own cell.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = [
     "double_quantize_absmax",
     "dtype_table",
     "dynamic_map",
+    "fake_quantize",
     "model_weight_bytes",
     "nf4_code",
     "nf4_codebook",
@@ -687,3 +692,14 @@ def q4_1_from_gguf_bytes(
     d = blocks[:, 0:2].contiguous().view(torch.float16).reshape(-1)
     m = blocks[:, 2:4].contiguous().view(torch.float16).reshape(-1)
     return blocks[:, 4:].contiguous(), d, m
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Quantization-aware training: fake quantization with the straight-through estimator
+# --------------------------------------------------------------------------------------------
+
+
+def fake_quantize(w: torch.Tensor, bits: int, block_size: int = 64) -> torch.Tensor:
+    """Forward: w rounded to the blockwise absmax grid. Backward: the gradient passes unchanged."""
+    w_hat = blockwise_decode(*blockwise_encode(w.detach(), block_size, bits), block_size)
+    return w + (w_hat - w).detach()  # the value of w_hat, the gradient of w: the STE

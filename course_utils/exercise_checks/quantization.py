@@ -1,4 +1,4 @@
-"""Checks for the exercises of lesson 03 (Quantization): absmax int8, weight memory, NF4."""
+"""Checks for the exercises of lesson 03 (Quantization): absmax int8, weight memory, NF4, QAT."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import torch
 
 from course_utils.exercise_checks.feedback import allclose, equal, exercise, expect, isclose
 from course_utils.memory import GB, count_params
-from course_utils.quant import absmax_dequantize as reference_absmax_dequantize
-from course_utils.quant import absmax_quantize as reference_absmax_quantize
 from course_utils.quant import (
+    absmax_decode,
+    absmax_encode,
     double_quant_bits_per_param,
     dtype_table,
     model_weight_bytes,
     nf4_dequantize,
 )
+from course_utils.quant import absmax_dequantize as reference_absmax_dequantize
+from course_utils.quant import absmax_quantize as reference_absmax_quantize
 from course_utils.quant import nf4_quantize as reference_nf4_quantize
 
 #: Bound at import, like feedback's comparisons.
@@ -363,3 +365,128 @@ def nf4_quantize(nf4_quantize, cases=NF4_CASES) -> str:
     w = NF4_CASES[0][0].clone()
     w_hat = nf4_dequantize(*_call(nf4_quantize, w.clone()), shape=w.shape)
     return f"relative error of your NF4 round trip: {float((w - w_hat).norm() / w.norm()):.3f}"
+
+
+# ------------------------------------------------------------------------------------ exercise 4
+
+
+def _fake_quantize_reference(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
+    """(w quantized and dequantized with one absmax scale, that scale), from course_utils.quant."""
+    q, scale = absmax_encode(w.detach(), bits)
+    return absmax_decode(q, scale), float(scale)
+
+
+def _forward_hint(w, bits, out, scale) -> str:
+    """Why the forward pass of the learner's fake quantization differs from the reference's."""
+    x = w.detach().float()
+
+    def same(candidate) -> bool:
+        return allclose(out, candidate, rtol=1e-5, atol=1e-7 * max(scale, 1e-30))
+
+    if same(x):
+        return (
+            "your forward pass returns w unchanged. Hint: the forward pass must round the "
+            "weights to the grid and scale them back; only the gradient skips the rounding."
+        )
+    if same(torch.round(x / scale)):
+        return "these are the integer codes. Hint: dequantize them: scale them back to weights."
+    for qmax in (2**bits - 1, 2 ** (bits - 1)):
+        if same(torch.round(x / (x.abs().max() / qmax)) * (x.abs().max() / qmax)):
+            return (
+                f"your grid has {2 * qmax + 1} levels, but {bits} signed bits give the codes "
+                "-qmax ... qmax of the exercise's text. Hint: check qmax."
+            )
+    if same(torch.trunc(x / scale) * scale):
+        return "the codes are truncated toward zero. Hint: round each one to the NEAREST integer."
+    return (
+        f"the values are not w rounded to the {bits}-bit absmax grid. Hint: one scale for the "
+        "whole tensor, set by its largest |w|; round w / scale, then multiply back."
+    )
+
+
+def _check_ste(fake_quantize_ste, case, bits, generator) -> tuple[float, float]:
+    """Forward = absmax quantize-dequantize, gradient = the upstream gradient; explain a mismatch."""
+    w = case.clone().requires_grad_(True)
+    out = fake_quantize_ste(w, bits)
+    expect(
+        isinstance(out, torch.Tensor),
+        f"fake_quantize_ste returned {type(out).__name__}, not a tensor. "
+        "Hint: return the fake-quantized weights as a tensor.",
+    )
+    expect(equal(w.detach(), case), "fake_quantize_ste changed w in place. Hint: work on a copy.")
+    expect(
+        out.shape == case.shape and out.is_floating_point(),
+        f"the output has shape {tuple(out.shape)} and dtype {out.dtype}, w has "
+        f"{tuple(case.shape)} float32. Hint: keep w's shape and return floats (dequantized).",
+    )
+    value = out.detach().float()
+    expect(
+        not _isnan(value).any(),
+        f"the output holds NaN for w = {_short(case)}. Hint: where max|w| is 0, use a scale of "
+        "one instead of dividing by zero.",
+    )
+    reference, scale = _fake_quantize_reference(case, bits)
+    off = (value - reference).abs() > 1e-4 * scale
+    if off.float().mean() > 0.01 or (value - reference).abs().max() > scale * (1 + 1e-4):
+        expect(
+            False,
+            f"at {bits} bits, {int(off.sum())} of {off.numel()} values differ from w quantized "
+            f"and dequantized: {_forward_hint(case, bits, value, scale)}",
+        )
+    expect(
+        out.requires_grad,
+        "the output is cut off from w: no gradient can reach it. Hint: keep w in the graph and "
+        "add the rounding error to it as a constant (detached) for autograd.",
+    )
+    upstream = torch.randn(case.shape, generator=generator)
+    (grad,) = torch.autograd.grad(out, w, upstream, allow_unused=True)
+    expect(
+        grad is not None,
+        "no gradient reaches w. Hint: keep w in the graph and add the rounding error to it as a "
+        "constant (detached) for autograd.",
+    )
+    if not allclose(grad, upstream, rtol=1e-6, atol=1e-7):
+        differ = int(((grad - upstream).abs() > 1e-6).sum())
+        if float((grad == 0).float().mean()) > 0.9:
+            hint = (
+                "the gradient is zero almost everywhere: rounding is flat between its steps. "
+                "Hint: the straight-through estimator lets the gradient through the rounding "
+                "as if it were the identity."
+            )
+        elif differ <= 2:
+            hint = (
+                f"the gradient differs from the upstream gradient at {differ} of {grad.numel()} "
+                "weights, where the largest |w| sits. Hint: the scale depends on w too; let the "
+                "whole rounding correction, scale included, be a constant for autograd."
+            )
+        else:
+            hint = (
+                f"the gradient differs from the upstream gradient at {differ} of {grad.numel()} "
+                "weights. Hint: with the straight-through estimator, dL/dw is exactly the "
+                "gradient that arrives at the output."
+            )
+        expect(False, hint)
+    return float((value - case).abs().max()), scale
+
+
+def _short(w: torch.Tensor) -> str:
+    """A tensor described by its shape and its largest |value|."""
+    return f"a {tuple(w.shape)} tensor with max|w| {float(w.abs().max()):.3g}"
+
+
+#: (w, bits) of the visible test.
+STE_CASES = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 0.05, 4)]
+
+
+@exercise(4, "fake_quantize_ste")
+def fake_quantize_ste(fake_quantize_ste, cases=STE_CASES) -> str:
+    """Exercise 4: fake quantization with the STE: absmax forward, identity gradient."""
+    generator = torch.Generator().manual_seed(4)
+    report = ""
+    for w, bits in cases:
+        worst, scale = _check_ste(fake_quantize_ste, w, bits, generator)
+        report = report or (
+            f"{bits} bits: the forward pass moves w by at most {worst:.3g} (half a step: "
+            f"{scale / 2:.3g}), and the gradient reaches w unchanged (the STE)."
+        )
+    return report

@@ -228,12 +228,15 @@ def test_validate_invert_catches_a_solved_notebook():
 
 #: The labs whose learners also write the libraries' own calls from a description in words, in a
 #: fourth exercise worth 3 points: TRL's SFTTrainer (05), transformers' BitsAndBytesConfig (06)
-#: and TRL's DPOTrainer (10). Every other assignment has the three exercises alone.
+#: and TRL's DPOTrainer (10).
 LIBRARY_CALL_EXERCISES = {
     "05_lora_lab": "ex4_sft_trainer_tests",
     "06_qlora_lab": "ex4_bnb_config_tests",
     "10_preference_tuning": "ex4_dpo_trainer_tests",
 }
+#: The assignments with a fourth exercise worth 3 points: those labs, and lesson 03's fake
+#: quantization with the straight-through estimator (QAT). Every other one has three exercises.
+FOURTH_EXERCISES = {**LIBRARY_CALL_EXERCISES, "03_quantization": "ex4_fake_quantize_ste_tests"}
 
 
 def test_list_exercises_reads_points_from_the_masters():
@@ -243,9 +246,9 @@ def test_list_exercises_reads_points_from_the_masters():
         by_assignment.setdefault(exercise.assignment, []).append(exercise)
     for assignment in ASSIGNMENTS:
         points = [e.points for e in by_assignment[assignment]]
-        if assignment in LIBRARY_CALL_EXERCISES:
+        if assignment in FOURTH_EXERCISES:
             assert points == [2, 3, 5, 3], assignment
-            assert by_assignment[assignment][-1].grade_id == LIBRARY_CALL_EXERCISES[assignment]
+            assert by_assignment[assignment][-1].grade_id == FOURTH_EXERCISES[assignment]
         else:
             assert points == [2, 3, 5], assignment
     with pytest.raises(ValueError, match="not a folder"):

@@ -28,6 +28,7 @@ EXPECTED = {
             "nf4_scale_blocks",
             "nf4_encode",
             "nf4_decode",
+            "fake_quantize",
         }
     },
     "04_data_preparation.ipynb": {

@@ -277,3 +277,45 @@ def test_block_size_must_fit_where_the_format_requires_it():
         Q.double_dequantize_absmax(q8, absmax2, offset, block_size=128)
     with pytest.raises(ValueError, match="shape"):
         Q.q4_1_dequantize(*Q.q4_1_quantize(torch.randn(2, 64)), (3, 64))
+
+
+# ------------------------------------------------------------------------------ fake quantization
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fake_quantize_forward_is_the_blockwise_round_trip_and_its_gradient_the_identity(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(6, 100, generator=g) * 0.05).requires_grad_(True)
+    out = Q.fake_quantize(w, bits, block_size=64)
+    expected = Q.blockwise_decode(*Q.blockwise_encode(w.detach(), 64, bits), 64)
+    assert torch.equal(out.detach(), expected)  # w + (w_hat - w) is w_hat to the bit
+    upstream = torch.randn(w.shape, generator=g)
+    out.backward(upstream)
+    assert torch.equal(w.grad, upstream)  # the straight-through estimator
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fake_quantize_equals_torchs_per_channel_fake_quantize(bits):
+    """A block that is one row is torch's per-channel scheme: same values, same gradient."""
+    g = torch.Generator().manual_seed(10 + bits)
+    w = (torch.randn(32, 64, generator=g) * 0.02).requires_grad_(True)
+    w_torch = w.detach().clone().requires_grad_(True)
+    qmax = 2 ** (bits - 1) - 1
+    scales = w.detach().abs().amax(dim=1) / qmax
+    zero_points = torch.zeros(32, dtype=torch.int32)
+    theirs = torch.fake_quantize_per_channel_affine(w_torch, scales, zero_points, 0, -qmax, qmax)
+    ours = Q.fake_quantize(w, bits, block_size=64)
+    assert torch.equal(ours.detach(), theirs.detach())
+    upstream = torch.randn(w.shape, generator=g)
+    ours.backward(upstream)
+    theirs.backward(upstream)
+    assert torch.equal(w.grad, w_torch.grad)
+
+
+def test_fake_quantize_of_zeros_and_of_a_partial_block():
+    zeros = torch.zeros(10, requires_grad=True)
+    assert torch.equal(Q.fake_quantize(zeros, 4).detach(), torch.zeros(10))
+    w = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    out = Q.fake_quantize(w, 4, block_size=8)  # 21 values: blocks of 8, 8 and 5
+    assert out.shape == w.shape
+    assert (out - w).abs().max() <= w.abs().max() / 7 / 2 + 1e-7

@@ -136,3 +136,90 @@ def test_nf4_shift_on_float_indices_is_a_wrong_answer_not_an_unanswered_one(caps
     check.nf4_quantize(nf4)
     said = _said(capsys)
     assert said.startswith("❌ Exercise 3") and "integer tensors" in said, said
+
+
+def _ste(w, bits, mistake=None):
+    """A learner's fake quantization with the STE: right by default, or with one usual mistake."""
+    qmax = 2**bits - 1 if mistake == "levels" else 2 ** (bits - 1) - 1
+    scale = w.abs().max() / qmax if mistake == "scale_gradient" else w.detach().abs().max() / qmax
+    if mistake != "nan" and scale == 0:
+        scale = torch.tensor(1.0)
+    rounded = torch.trunc if mistake == "truncated" else torch.round
+    if mistake == "scale_gradient":
+        return w + (rounded(w / scale).clamp(-qmax, qmax) * scale - w.detach())
+    w_hat = rounded(w.detach() / scale).clamp(-qmax, qmax)
+    if mistake != "codes":
+        w_hat = w_hat * scale
+    if mistake == "no_ste":
+        return rounded(w / scale.detach()) * scale.detach()
+    if mistake == "detached":
+        return w_hat
+    return w + (w_hat - w).detach()
+
+
+def test_ste_model_answer_passes_the_visible_and_the_hidden_kinds_of_cases(capsys):
+    check.fake_quantize_ste(_ste)
+    said = _said(capsys)
+    assert said.startswith("✅ Exercise 4") and "the STE" in said, said
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.randn(5, 7, generator=g), 2), (-3 * torch.rand(50, generator=g), 8)]
+    cases += [(torch.zeros(6), 4), (torch.randn(3, 4, 5, generator=g), 3)]
+    check.fake_quantize_ste(_ste, cases=cases)
+    assert _said(capsys) == "✅ Exercise 4: `fake_quantize_ste` passes the grader's further cases."
+
+
+def test_ste_the_course_function_and_an_autograd_function_pass(capsys):
+    class RoundSTE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, bits):
+            return quant.absmax_decode(*quant.absmax_encode(w, bits))
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    check.fake_quantize_ste(lambda w, bits: quant.fake_quantize(w, bits, w.numel()))
+    assert _said(capsys).startswith("✅ Exercise 4")
+    check.fake_quantize_ste(lambda w, bits: RoundSTE.apply(w, bits))
+    assert _said(capsys).startswith("✅ Exercise 4")
+
+
+@pytest.mark.parametrize(
+    ("mistake", "hint"),
+    [
+        ("no_ste", "zero almost everywhere"),
+        ("detached", "cut off from w"),
+        ("scale_gradient", "the scale depends on w too"),
+        ("codes", "integer codes"),
+        ("levels", "31 levels"),
+        ("truncated", "NEAREST"),
+    ],
+)
+def test_ste_mistakes(mistake, hint, capsys):
+    check.fake_quantize_ste(lambda w, bits: _ste(w, bits, mistake))
+    said = _said(capsys)
+    assert said.startswith("❌ Exercise 4") and hint in said, said
+
+
+def test_ste_unquantized_forward_and_nan_on_zeros_are_named(capsys):
+    check.fake_quantize_ste(lambda w, bits: w * 1)
+    assert "returns w unchanged" in _said(capsys)
+    check.fake_quantize_ste(lambda w, bits: _ste(w, bits, "nan"), cases=[(torch.zeros(6), 4)])
+    assert "NaN" in _said(capsys)
+
+
+def test_ste_in_place_edit_and_stub(capsys):
+    def in_place(w, bits):
+        with torch.no_grad():
+            w.mul_(2)
+        return _ste(w, bits)
+
+    check.fake_quantize_ste(in_place)
+    assert "in place" in _said(capsys)
+
+    def stub(w, bits):
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+    check.fake_quantize_ste(stub)
+    assert _said(capsys).startswith("⏳ Exercise 4 is not answered yet: write `fake_quantize_ste`")
