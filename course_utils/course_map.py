@@ -36,11 +36,17 @@ class Lesson:
 LESSONS: tuple[Lesson, ...] = (
     Lesson(0, "start_here", "Start here", "set-up check, device, versions, a first generation"),
     Lesson(
-        1, "why_finetune", "Why fine-tune", "prompting vs RAG vs fine-tuning; the cost of full FT"
+        1,
+        "why_finetune",
+        "Why fine-tune",
+        "prompting vs RAG vs fine-tuning; the cost of full FT; choosing a base model",
     ),
     Lesson(2, "lora_math", "The LoRA math", "ΔW ≈ AB, rank, SVD, α/r scaling, LoRA from scratch"),
     Lesson(
-        3, "quantization", "Quantization", "bytes per dtype, absmax, blockwise, NF4, double quant"
+        3,
+        "quantization",
+        "Quantization",
+        "bytes per dtype, absmax, blockwise, NF4, double quant; QAT vs PTQ",
     ),
     Lesson(4, "data_preparation", "Data preparation", "chat templates, assistant-only labels"),
     Lesson(5, "lora_lab", "LoRA lab", "PEFT LoRA on SmolLM2, before/after, save and merge"),
