@@ -7,6 +7,7 @@ One module per idea, each read by the lesson that teaches it:
 - ``generation`` chat-style generation, one prompt or a left-padded batch            (00)
 - ``course_map`` the lessons, what each teaches and how long it took on real machines (00)
 - ``memory``     training-memory estimator: weights, gradients, optimizer, activations (01, 03)
+- ``model_choice`` choosing a base model: serving memory, KV cache, decode speed, card facts (01)
 - ``lora``       LoRA from scratch (LoRALinear, inject_lora), checked against PEFT      (02)
 - ``spectrum``   SVD, Eckart–Young, and the spectrum of a real fine-tuning update ΔW   (02)
 - ``quant``      absmax, zero-point, blockwise, NF4, double quant, Q4_1 from scratch    (03)
@@ -26,6 +27,8 @@ One module per idea, each read by the lesson that teaches it:
 - ``delta_lora`` Delta-LoRA (not in PEFT) on top of ``lora``                              (09)
 - ``preference`` preference pairs, DPO's implicit reward and margin, TRL's DPOTrainer     (10)
 - ``deploy``     generation speed, GGUF export and reload                                 (11)
+- ``sharding``   bytes per device under DDP, ZeRO-1/2/3 and FSDP, with offload (the scale-out
+                 lesson to come, issue 28)
 
 The tools (benchmarks, grading, the dataset builders, timings) are the package ``course_tools``,
 which imports this one; this one never imports it.

@@ -319,6 +319,11 @@ class MemoryEstimate:
     #: embedding's gradient being summed): two copies of the largest trainable tensor.
     temporaries: int = 0
 
+    #: Whether ``optimizer`` includes an fp32 master copy of the weights (mixed precision):
+    #: then a sharded optimizer (ZeRO, FSDP) updates that copy, not the weights themselves
+    #: (`course_utils.sharding`, lesson 12). Left out of the repr and of comparisons.
+    master_weights: bool = field(default=False, repr=False, compare=False)
+
     @property
     def total(self) -> int:
         """The peak: weights and optimizer states plus the larger of activations and gradients.
@@ -525,6 +530,7 @@ def estimate(
         dtype=dtype,
         notes=notes,
         temporaries=temporaries,
+        master_weights=method == "full" and master_weights and dtype != "fp32",
     )
 
 
