@@ -16,6 +16,7 @@ One module per idea, each read by the lesson that teaches it:
 - ``claims``     a lesson's claims, recorded where measured and checked in its last cell (00-11)
 - ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (read),
                  prompt/completion rows for TRL's SFTTrainer                               (04, 05)
+- ``curation``   a task's checks for new examples, de-duplication, a split by group     (04)
 - ``callbacks``  TrainingMeter: a TrainerCallback that records loss, time, tokens, peak memory (05-11)
 - ``peak_memory`` the peak bytes of live tensors on a CPU or a GPU                         (06, 07)
 - ``evaluate``   task scores (fast batched scoring), Wilson intervals, perplexity and

@@ -48,7 +48,12 @@ LESSONS: tuple[Lesson, ...] = (
         "Quantization",
         "bytes per dtype, absmax, blockwise, NF4, double quant; QAT vs PTQ",
     ),
-    Lesson(4, "data_preparation", "Data preparation", "chat templates, assistant-only labels"),
+    Lesson(
+        4,
+        "data_preparation",
+        "Data preparation",
+        "chat templates, assistant-only labels; data from a data set, by hand, from a model",
+    ),
     Lesson(5, "lora_lab", "LoRA lab", "PEFT LoRA on SmolLM2, before/after, save and merge"),
     Lesson(6, "qlora_lab", "QLoRA lab", "NF4 base + LoRA, memory measured"),
     Lesson(7, "full_finetuning_lab", "Full fine-tuning lab", "forgetting and the comparison table"),
