@@ -93,7 +93,8 @@ TEST_THREADS := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
 test: model browser sandbox lint
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(TEST_THREADS) $(BIN)/python -m pytest \
 		tests notebooks -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 $(PYTEST_ARGS)
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 \
+		--junitxml=outputs/test-artifacts/junit.xml $(PYTEST_ARGS)
 
 timings: model
 	$(BIN)/python -m course_tools.timings notebooks/*.ipynb

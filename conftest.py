@@ -72,10 +72,10 @@ def pytest_runtest_setup(item):
 #: this order, so the long ones start at once instead of running alone at the end. Lesson 05's
 #: nbval run comes after the second-run file has passed lesson 05 (they share its lock).
 SLOWEST_FIRST = (
-    "tests/notebooks/test_notebooks_rerun.py",  # 290 s: lessons 00-05 again
-    "tests/tools/test_grading_sandbox.py",  # ~260 s: two hostile batches (Intel Xeon, 2026-12-06)
-    "tests/notebooks/test_exercises.py",  # ~200 s: nbgrader validate on every master, Run All
-    "tests/tools/test_grading.py",  # ~240 s (Intel Xeon, 2026-12-06)
+    "tests/tools/test_grading_sandbox.py",  # ~250 s: one batch of 17 students, 2 at a time
+    "tests/notebooks/test_notebooks_rerun.py",  # 110-200 s: lesson 05 again
+    "tests/notebooks/test_exercises.py",  # ~150 s: validate on 4 masters, Run All on 11
+    "tests/tools/test_grading.py",  # ~120 s: the model answers of 01, 04, 05, 06 and 10
     "notebooks/11_merge_and_deploy.ipynb",  # 196 s
     "notebooks/07_full_finetuning_lab.ipynb",  # 164 s
     "notebooks/10_preference_tuning.ipynb",  # 152 s

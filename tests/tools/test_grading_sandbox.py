@@ -94,9 +94,9 @@ HOG = """
 chunks = []
 try:
     while True:
-        chunks.append(bytearray(64 * 2**20))
+        chunks.append(bytes(256 * 2**20))  # zero pages from calloc: fast, yet address space
 except MemoryError:
-    print("HOG stopped at", len(chunks) * 64, "MB")
+    print("HOG stopped at", len(chunks) * 256, "MB")
 del chunks
 """
 FILL = """
@@ -469,9 +469,11 @@ def test_the_batch_finishes_within_a_bound(sandboxed):
 
 
 def test_the_guard_alone_says_what_it_cannot_stop(tmp_path):
-    """Without bubblewrap: Python-level attempts are stopped; C-level reads and the network are not."""
-    result = _grade(tmp_path, False, ("intruder",), honest=False)  # reader + vandal + caller
-    assert result["totals"] == {"alice": 10, "intruder": 10}
+    """Without bubblewrap: Python-level attempts are stopped; C-level reads and the network are
+    not. Spoofing and lying answers are caught as in the sandbox (the grader's own rules)."""
+    hostile = ("intruder", "spoofer", "liar")  # intruder = reader + vandal + caller
+    result = _grade(tmp_path, False, hostile, honest=False)
+    assert result["totals"] == {"alice": 10, "intruder": 10, "spoofer": 8, "liar": 5}
     assert "cat failed: PermissionError" in result["pages"]["intruder"]  # no subprocess
     assert MASTER_SECRET in result["pages"]["intruder"]  # C read: the guard cannot stop it
     assert result["reached"] == 1  # the network is open
