@@ -271,9 +271,16 @@ def _bound_names(node: ast.stmt) -> set[str]:
         return {node.name}
     if isinstance(node, ast.Import | ast.ImportFrom):
         return {name for name, _ in _import_bindings(node) or []}
+    local = {  # a comprehension's variables stay inside it
+        n.id
+        for c in ast.walk(node)
+        if isinstance(c, ast.comprehension)
+        for n in ast.walk(c.target)
+        if isinstance(n, ast.Name)
+    }
     return {
         n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
-    }
+    } - local
 
 
 def _statement_lines(node: ast.stmt) -> range:
@@ -320,7 +327,8 @@ def master_names(master: nbformat.NotebookNode) -> tuple[dict[str, str | None], 
     """({name the tests need: the module it imports, or None}, {answer names}) of a master.
 
     Protected: every import of a locked cell, and every other name a locked cell binds at its
-    top level that a test cell or a function of a locked cell reads (a loop variable is not).
+    top level and a locked cell reads (a learner's `tokenizer = my_function` would otherwise run
+    the learner's code inside the master's next cell).
     """
     imports: dict[str, str] = {}
     bound: set[str] = set()
@@ -344,7 +352,7 @@ def master_names(master: nbformat.NotebookNode) -> tuple[dict[str, str | None], 
                 bound |= _bound_names(node)
                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                     needed |= _loaded(node)
-        if meta.get("grade"):
+        if not meta.get("solution"):  # tests, and locked cells that call what set-up made
             needed |= _loaded(tree)
     protected: dict[str, str | None] = dict.fromkeys(bound & needed)
     protected.update(imports)

@@ -193,3 +193,16 @@ def test_a_spoof_that_fools_the_check_is_what_the_filter_removes(filtered, lora_
     assert result.returncode == 0, result.stderr
     verdict = "❌ Exercise 1: lora_forward gives wrong values" if filtered else "✅ Exercise 1"
     assert result.stdout.startswith(verdict), result.stdout
+
+
+def test_a_name_the_masters_cells_read_cannot_be_rebound_to_the_learners_code():
+    """04's locked cells call `tokenizer`: rebinding it would run the learner's code in them."""
+    master = ROOT / "solutions" / "04_data_preparation" / "04_data_preparation_exercises.ipynb"
+    protected, _ = master_names(nbformat.read(master, as_version=4))
+    assert "tokenizer" in protected
+    keep = Filter(*master_names(nbformat.read(master, as_version=4)))
+    ran, notes = _run("def mine(*args, **kwargs):\n    pass\n\n\ntokenizer = mine\n", keep)
+    assert "tokenizer = mine" not in ran and "replace `tokenizer`" in notes[0]
+    why = ROOT / "solutions" / "01_why_finetune" / "01_why_finetune_exercises.ipynb"
+    protected, _ = master_names(nbformat.read(why, as_version=4))
+    assert not {"d", "k", "m", "v"} & set(protected)  # its comprehensions' variables stay inside
