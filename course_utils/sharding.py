@@ -44,6 +44,12 @@ What the table leaves out, and this module counts:
   With mixed precision that shard is the master copy, already among the optimizer states.
   (DeepSpeed keeps such an fp32 partition beside ZeRO-3's weight shard too, even in fp32
   training, and sizeable bucket buffers; FSDP does neither. Not counted here.);
+* **DDP's buckets**: PyTorch's DDP all-reduces gradients in flat buckets it allocates once and
+  keeps, a whole copy of the trainable gradients held from the first backward pass to the end
+  (with ``gradient_as_bucket_view=True`` the gradients *are* views into the buckets, so there is
+  no second copy, but neither are they freed between steps). Under ``ddp`` on more than one
+  device the gradients therefore sit beside the activations at the start of the backward pass
+  instead of replacing them as they are freed (measured on two CPU processes in lesson 12);
 * **LoRA/QLoRA**: the frozen base has no gradients or optimizer states, so ZeRO-1/2 save almost
   nothing there; only sharding the weights (ZeRO-3/FSDP full shard) divides the base model.
 
@@ -176,7 +182,8 @@ class ShardedEstimate:
     whole weights are kept beside it); ``activations`` are the per-device micro-batch's,
     unsharded; ``gathered`` is one all-gathered unit (weights, gradient and the reduce-scatter's
     copy) under ZeRO-3-like stages; ``host`` the bytes each process keeps in CPU RAM because of
-    offload. ``base`` is the one-device estimate.
+    offload. ``base`` is the one-device estimate. ``persistent_gradients``: the gradients are
+    held throughout (DDP's buckets), not only from the backward pass on.
     """
 
     stage: str
@@ -192,6 +199,7 @@ class ShardedEstimate:
     host: int
     base: MemoryEstimate
     notes: tuple[str, ...] = field(default=())
+    persistent_gradients: bool = False
 
     @property
     def model_states(self) -> int:
@@ -201,7 +209,10 @@ class ShardedEstimate:
     @property
     def total(self) -> int:
         """The peak per device, as :attr:`MemoryEstimate.total` counts it, plus the gathered unit."""
-        extra = max(self.activations, self.gradients + self.temporaries)
+        if self.persistent_gradients:  # DDP's buckets: the gradients beside the activations
+            extra = self.gradients + max(self.activations, self.temporaries)
+        else:
+            extra = max(self.activations, self.gradients + self.temporaries)
         return self.weights + self.optimizer + self.gathered + extra
 
     def breakdown(self) -> dict[str, int]:
@@ -268,6 +279,11 @@ def per_device(
         raise ValueError(
             "CPU offload needs a sharded stage (zero1, zero2, zero3 or an fsdp_* one), not 'ddp'."
         )
+    if offload == "optimizer" and stage.startswith("fsdp"):
+        raise ValueError(
+            f"FSDP offloads the weights, gradients and optimizer states together, not the "
+            f"optimizer alone; use offload='params' with {stage!r}, or a zero1/zero2/zero3 stage."
+        )
     if offload == "params" and not weight_shard:
         raise ValueError(
             f"offload='params' needs a stage that shards the weights (zero3, fsdp_full_shard, "
@@ -297,6 +313,9 @@ def per_device(
         notes.append("the all-gathered unit is not counted: pass a config to include it")
     if k < n:
         notes.append(f"sharded over groups of {k} devices, replicated {n // k} times")
+    buckets = stage == "ddp" and n > 1
+    if buckets:
+        notes.append("DDP keeps the gradients in its all-reduce buckets between steps")
     return ShardedEstimate(
         stage=stage,
         n_devices=n,
@@ -311,6 +330,7 @@ def per_device(
         host=host,
         base=est,
         notes=tuple(notes),
+        persistent_gradients=buckets,
     )
 
 

@@ -15,7 +15,7 @@ import io
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from course_utils import memory
+from course_utils import memory, sharding
 from course_utils.checks import one_of, positive_int
 from course_utils.lora import first_step_update_norm, lora_parameter_count, lora_scaling
 from course_utils.spectrum import (
@@ -286,13 +286,15 @@ def alpha_explorer(
 # Memory calculator (lesson 03)
 # ---------------------------------------------------------------------------------------------
 #
-# memory_stats(model, method, dtype, batch, seq_len, optimizer) -> dict   memory.estimate in GB
-#                                                                         + the GPUs it fits
+# memory_stats(model, method, dtype, batch, seq_len, optimizer, n_devices, stage) -> dict
+#                            memory.estimate in GB + the GPUs it fits; with n_devices > 1 also
+#                            sharding.estimate_per_device per device and the fewest GPUs needed
 # format_memory_stats(stats) -> str   the one line the calculator shows (CSS course-memory-stats)
 # format_memory_precision(stats) -> str   the bytes per parameter of the setting, part by part
 #                                         (CSS course-memory-precision)
 # memory_calculator(...)     -> VBox  model/method/dtype/optimizer, sliders "batch" and "seq len",
-#                                     those two lines, a breakdown bar chart and a GPU table
+#                                     dropdowns "devices" and "stage" (lesson 12), those two
+#                                     lines, a breakdown bar chart and a GPU table
 
 #: CSS class of the HTML widget that shows :func:`format_memory_stats` text (browser tests read it).
 MEMORY_STATS_CLASS = "course-memory-stats"
@@ -300,6 +302,15 @@ MEMORY_STATS_CLASS = "course-memory-stats"
 MEMORY_GPUS_CLASS = "course-memory-gpus"
 #: CSS class of the HTML widget that shows :func:`format_memory_precision` text.
 MEMORY_PRECISION_CLASS = "course-memory-precision"
+#: CSS classes of the number-of-devices and stage dropdowns (lesson 12: N × GPU).
+MEMORY_DEVICES_CLASS = "course-memory-devices"
+MEMORY_STAGE_CLASS = "course-memory-stage"
+#: The device counts the calculator offers; with 1 it shows one GPU, as in lesson 03.
+MEMORY_DEVICES = (1, 2, 4, 8, 16, 32, 64)
+#: The stages it offers: sharding.STAGES but hybrid sharding, which also needs a node size.
+MEMORY_STAGES = tuple(name for name in sharding.STAGES if name != "fsdp_hybrid_shard")
+#: Where the "fewest GPUs" column stops counting.
+MEMORY_MAX_DEVICES = 1024
 #: What the calculator's dtype choice means, as its dropdown says (lesson 01 measures each recipe).
 #: A 16-bit dtype is mixed precision: for full fine-tuning, 16-bit weights and gradients plus an
 #: fp32 master copy of the weights (``memory.estimate(..., master_weights=True)``); LoRA and QLoRA
@@ -320,6 +331,7 @@ _MEMORY_COLORS = {
     "gradients": "#DD8452",
     "optimizer": "#C44E52",
     "activations": "#55A868",
+    "gathered": "#8172B3",
 }
 
 
@@ -330,6 +342,8 @@ def memory_stats(
     batch: int = 4,
     seq_len: int = 512,
     optimizer: str = "adamw",
+    n_devices: int = 1,
+    stage: str = "ddp",
 ) -> dict:
     """Exactly the numbers the memory calculator displays: ``memory.estimate`` in GB + the GPUs it fits.
 
@@ -340,6 +354,13 @@ def memory_stats(
     and ``<part>_gb`` for weights, gradients, optimizer, activations and total (GB = GiB, as in
     :mod:`course_utils.memory`), ``gpus`` ({name: fits?}, smallest card first) and ``fits``
     (the names that fit, same order).
+
+    With ``n_devices`` > 1 the run is spread over that many GPUs under ``stage`` (a name in
+    MEMORY_STAGES): ``device_<part>_bytes``/``_gb`` are :func:`course_utils.sharding.estimate_per_device`
+    for weights, gradients, optimizer, activations, gathered, total and host; ``gpus`` and
+    ``fits`` then say whether it fits on ``n_devices`` × each GPU; ``devices_needed`` gives each
+    GPU's fewest count under the stage (None: more than MEMORY_MAX_DEVICES). With one device the
+    stage changes nothing: there is nothing to shard.
     """
     model = one_of(model, "model", list(memory.PRESETS))
     method = one_of(method, "method", memory.METHODS)
@@ -347,6 +368,8 @@ def memory_stats(
     optimizer = one_of(optimizer, "optimizer", list(memory.OPTIMIZER_BYTES_PER_PARAM))
     batch = positive_int(batch, "batch", "batch=4")
     seq_len = positive_int(seq_len, "seq_len", "seq_len=4")
+    n_devices = positive_int(n_devices, "n_devices", "n_devices=8")
+    stage = one_of(sharding.normalise_stage(stage), "stage", MEMORY_STAGES)
     master_weights = method == "full" and dtype != "fp32"
     est = memory.estimate(
         model,
@@ -369,14 +392,46 @@ def memory_stats(
         "adapter_dtype": MEMORY_ADAPTER_DTYPE,
         "n_params": est.n_params,
         "trainable_params": est.trainable_params,
+        "n_devices": n_devices,
+        "stage": stage,
     }
     for part, value in est.breakdown().items():
         stats[f"{part}_bytes"] = value
         stats[f"{part}_gb"] = value / memory.GB
     gpus = sorted(memory.GPUS, key=lambda name: memory.GPUS[name])
     stats["gpus"] = {name: memory.fits(est, name) for name in gpus}
+    if n_devices > 1:
+        setting = {
+            "dtype": dtype,
+            "batch": batch,
+            "seq_len": seq_len,
+            "optimizer": optimizer,
+            "master_weights": master_weights,
+            "adapter_dtype": MEMORY_ADAPTER_DTYPE,
+        }
+        sharded = sharding.estimate_per_device(model, method, n_devices, stage, **setting)
+        for part, value in sharded.breakdown().items():
+            stats[f"device_{part}_bytes"] = value
+            stats[f"device_{part}_gb"] = value / memory.GB
+        stats["gpus"] = {name: memory.fits(sharded.total, name) for name in gpus}
+        stats["devices_needed"] = {
+            name: sharding.devices_needed(
+                model, method, name, stage, max_devices=MEMORY_MAX_DEVICES, **setting
+            )
+            for name in gpus
+        }
     stats["fits"] = [name for name in gpus if stats["gpus"][name]]
     return stats
+
+
+def _memory_shown(stats: dict) -> dict[str, float]:
+    """The GB the calculator shows, part by part and the total: per device when N > 1."""
+    if stats.get("n_devices", 1) == 1:
+        return {part: stats[f"{part}_gb"] for part in (*MEMORY_PARTS, "total")}
+    names = [*MEMORY_PARTS, "total"]
+    if sharding.STAGES[stats["stage"]]["shards"][2]:  # weights sharded: one unit gathered whole
+        names.insert(-1, "gathered")
+    return {part: stats[f"device_{part}_gb"] for part in names}
 
 
 def format_memory_stats(stats: dict) -> str:
@@ -385,13 +440,19 @@ def format_memory_stats(stats: dict) -> str:
         raise TypeError(
             f"stats must be the dict memory_stats() returns, got {type(stats).__name__}."
         )
-    keys = [f"{part}_gb" for part in (*MEMORY_PARTS, "total")] + ["fits"]
+    n = stats.get("n_devices", 1)
+    prefix = "" if n == 1 else "device_"
+    keys = [f"{prefix}{part}_gb" for part in (*MEMORY_PARTS, "total")] + ["fits"]
+    keys += [] if n == 1 else ["stage", "device_gathered_gb"]
     missing = [key for key in keys if key not in stats]
     if missing:
         raise ValueError(f"stats lacks {missing}; pass the dict memory_stats() returns.")
-    parts = [f"{part} {stats[f'{part}_gb']:.2f} GB" for part in (*MEMORY_PARTS, "total")]
-    fits = ", ".join(stats["fits"]) if stats["fits"] else "none"
-    return " · ".join(parts) + f" · fits: {fits}"
+    parts = [f"{part} {gb:.2f} GB" for part, gb in _memory_shown(stats).items()]
+    if n == 1:
+        fits = ", ".join(stats["fits"]) if stats["fits"] else "none"
+        return " · ".join(parts) + f" · fits: {fits}"
+    fits = ", ".join(f"{n} × {name}" for name in stats["fits"]) if stats["fits"] else "none"
+    return f"per device, {stats['stage']} on {n} devices: " + " · ".join(parts) + f" · fits: {fits}"
 
 
 def format_memory_precision(stats: dict) -> str:
@@ -450,6 +511,8 @@ def format_memory_precision(stats: dict) -> str:
 def _memory_gpu_table(stats: dict) -> str:
     """An HTML table: each GPU, its memory, whether the setting fits and how full it would be."""
 
+    if stats.get("n_devices", 1) > 1:
+        return _memory_devices_table(stats)
     rows = []
     for name, ok in stats["gpus"].items():
         usage = stats["total_bytes"] / (memory.GPUS[name] * memory.GB)
@@ -463,11 +526,36 @@ def _memory_gpu_table(stats: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table><small>{note}</small>"
 
 
+def _memory_devices_table(stats: dict) -> str:
+    """The GPU table for N devices: fits on N × GPU, per-device use, fewest GPUs under the stage."""
+
+    n, stage = stats["n_devices"], stats["stage"]
+    rows = []
+    for name, ok in stats["gpus"].items():
+        usage = stats["device_total_bytes"] / (memory.GPUS[name] * memory.GB)
+        needed = stats["devices_needed"][name]
+        fewest = f"more than {MEMORY_MAX_DEVICES}" if needed is None else str(needed)
+        mark = "✓ fits" if ok else "✗ too small"
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{memory.GPUS[name]:g} GB</td>"
+            f"<td>{mark}</td><td>{usage:.0%}</td><td>{fewest}</td></tr>"
+        )
+    head = (
+        f"<tr><th>GPU</th><th>memory</th><th>on {n} × GPU ({html.escape(stage)})</th>"
+        f"<th>used per GPU</th><th>fewest GPUs under {html.escape(stage)}</th></tr>"
+    )
+    note = (
+        f"per GPU: {stats['device_total_gb']:.2f} GB (sharding.estimate_per_device); fits = that "
+        "total ≤ 90 % of the card; batch is each GPU's micro-batch, its activations not sharded"
+    )
+    return f"<table>{head}{''.join(rows)}</table><small>{html.escape(note)}</small>"
+
+
 def _memory_chart_png(stats: dict) -> bytes:
     """A horizontal bar per memory part plus the total, with the GPU sizes as dashed lines (PNG)."""
 
-    names = [*MEMORY_PARTS, "total"]
-    values = [stats[f"{name}_gb"] for name in names]
+    shown = _memory_shown(stats)
+    names, values = list(shown), list(shown.values())
     fig = Figure(figsize=(7, 2.6))
     ax = fig.subplots()
     colors = [_MEMORY_COLORS.get(name, "#555555") for name in names]
@@ -477,9 +565,10 @@ def _memory_chart_png(stats: dict) -> bytes:
     for name, size in memory.GPUS.items():
         if top * 0.04 <= size <= top:  # lines far left of the bars would only be clutter
             ax.axvline(size, color="grey", linestyle="--", linewidth=0.8)
-            ax.text(size, 4.45, name, rotation=90, fontsize=7, va="top", ha="right")
+            ax.text(size, len(names) - 0.55, name, rotation=90, fontsize=7, va="top", ha="right")
     ax.set_xlim(0, top)
-    ax.set_xlabel("GB")
+    n = stats.get("n_devices", 1)
+    ax.set_xlabel("GB" if n == 1 else f"GB per device ({stats['stage']} on {n} devices)")
     ax.set_title(
         f"{stats['model']} · {stats['method']} · {stats['dtype']}"
         f"{' + fp32 master' if stats.get('master_weights') else ''} · {stats['optimizer']} · "
@@ -499,6 +588,8 @@ def memory_calculator(
     batch: int = 4,
     seq_len: int = 512,
     optimizer: str = "adamw",
+    n_devices: int = 1,
+    stage: str = "ddp",
 ):
     """An ipywidgets memory calculator over :func:`memory_stats`; returns the widget to display.
 
@@ -508,9 +599,14 @@ def memory_calculator(
     dropdown shows MEMORY_DTYPES' labels for the values "fp32", "bf16" and "fp16". The returned
     VBox carries ``controls`` (dict of the input widgets by argument name), ``stats_html``,
     ``precision_html``, ``gpu_table``, ``chart`` (an Output) and ``stats`` (the dict shown).
+    Dropdowns "devices" (MEMORY_DEVICES, CSS class ``course-memory-devices``) and "stage"
+    (MEMORY_STAGES, ``course-memory-stage``) are in ``sharding_controls``: with more than one
+    device the text, chart and table are per device, and the table gains the fewest GPUs.
     """
 
-    memory_stats(model, method, dtype, batch, seq_len, optimizer)  # validate before building
+    memory_stats(model, method, dtype, batch, seq_len, optimizer, n_devices, stage)  # validate
+    one_of(n_devices, "n_devices", MEMORY_DEVICES)
+    stage = sharding.normalise_stage(stage)
     wide = {"description_width": "80px"}
     controls = {
         "model": widgets.Dropdown(
@@ -544,6 +640,16 @@ def memory_calculator(
             style=wide,
         ),
     }
+    sharding_controls = {
+        "n_devices": widgets.Dropdown(
+            options=list(MEMORY_DEVICES), value=n_devices, description="devices", style=wide
+        ),
+        "stage": widgets.Dropdown(
+            options=list(MEMORY_STAGES), value=stage, description="stage", style=wide
+        ),
+    }
+    sharding_controls["n_devices"].add_class(MEMORY_DEVICES_CLASS)
+    sharding_controls["stage"].add_class(MEMORY_STAGE_CLASS)
     stats_html = widgets.HTML()
     stats_html.add_class(MEMORY_STATS_CLASS)
     precision_html = widgets.HTML()
@@ -551,11 +657,12 @@ def memory_calculator(
     gpu_table = widgets.HTML()
     gpu_table.add_class(MEMORY_GPUS_CLASS)
     chart = widgets.Output()
-    box = widgets.VBox([*controls.values(), stats_html, precision_html, chart, gpu_table])
+    inputs = {**controls, **sharding_controls}
+    box = widgets.VBox([*inputs.values(), stats_html, precision_html, chart, gpu_table])
 
     def update(change: object = None) -> None:
         """Recompute and redraw everything from the controls' current values."""
-        stats = memory_stats(**{name: control.value for name, control in controls.items()})
+        stats = memory_stats(**{name: control.value for name, control in inputs.items()})
         box.stats = stats
         stats_html.value = html.escape(format_memory_stats(stats))
         precision_html.value = html.escape(format_memory_precision(stats))
@@ -569,9 +676,10 @@ def memory_calculator(
             },
         )
 
-    for control in controls.values():
+    for control in inputs.values():
         control.observe(update, names="value")
     box.controls = controls
+    box.sharding_controls = sharding_controls
     box.stats_html = stats_html
     box.precision_html = precision_html
     box.gpu_table = gpu_table

@@ -192,6 +192,7 @@ def _one_sentence(excinfo) -> str:
         ({"stage": "zero3", "devices_per_node": 4}, "only applies to 'fsdp_hybrid_shard'"),
         ({"stage": "ddp", "offload": "optimizer"}, "needs a sharded stage"),
         ({"stage": "zero2", "offload": "params"}, "shards the weights"),
+        ({"stage": "fsdp_full_shard", "offload": "optimizer"}, "not the optimizer alone"),
         ({"stage": "zero3", "offload": "disk"}, "offload must be one of"),
         ({"stage": "zero3", "unit_bytes": -1}, "unit_bytes must be"),
     ],
@@ -222,3 +223,18 @@ def test_bad_input_elsewhere():
     with pytest.raises(ValueError) as excinfo:
         S.fits_on_devices(PSI, "full", "H800 80 GB", 8, "zero3")
     assert "unknown GPU" in _one_sentence(excinfo)
+
+
+def test_ddp_holds_its_gradient_buckets_beside_the_activations():
+    # SmolLM2 full fine-tuning, 2 processes x batch 2: DDP's buckets keep the 4n bytes of
+    # gradients from one step to the next, so they add to the activations at the peak
+    kw = {"batch": 2, "seq_len": 64, "loss": "standard"}
+    one = S.estimate_per_device("SmolLM2-135M", "full", 1, "ddp", **kw)
+    two = S.estimate_per_device("SmolLM2-135M", "full", 2, "ddp", **kw)
+    assert not one.persistent_gradients and two.persistent_gradients
+    w, g, o, a = two.weights, two.gradients, two.optimizer, two.activations
+    assert two.total == w + o + g + max(a, two.temporaries)
+    assert one.total == w + o + max(a, g + one.temporaries)
+    assert two.total - one.total == min(g, a - one.temporaries) > 0
+    assert any("buckets" in note for note in two.notes)
+    assert not S.estimate_per_device("SmolLM2-135M", "full", 2, "zero1", **kw).persistent_gradients

@@ -1,14 +1,21 @@
-"""Tests for the memory calculator of lesson 03: what it displays is exactly memory.estimate."""
+"""Tests for the memory calculator of lesson 03: what it displays is exactly memory.estimate.
+
+With N devices (lesson 12) it displays exactly sharding.estimate_per_device."""
 
 import html
 
 import pytest
 
-from course_utils import memory
+from course_utils import memory, sharding
 from course_utils.widgets import (
+    MEMORY_DEVICES,
+    MEMORY_DEVICES_CLASS,
     MEMORY_DTYPES,
     MEMORY_PRECISION_CLASS,
+    MEMORY_STAGE_CLASS,
+    MEMORY_STAGES,
     MEMORY_STATS_CLASS,
+    _memory_gpu_table,
     format_memory_precision,
     format_memory_stats,
     memory_calculator,
@@ -242,3 +249,118 @@ def test_widget_starts_from_the_given_values():
     assert _text(calculator) == format_memory_stats(
         memory_stats("Mistral-7B", "qlora", "fp16", 3, 2048, "sgd")
     )
+
+
+# ------------------------------------------------------------------------------ N × GPU (lesson 12)
+
+SEVEN_B = ("Llama-2-7B", "full", "bf16", 1, 512, "adamw")
+MIXED_7B = {
+    "dtype": "bf16",
+    "batch": 1,
+    "seq_len": 512,
+    "optimizer": "adamw",
+    "master_weights": True,
+    "adapter_dtype": "fp32",
+}
+ONE_GPU_HEAD = "<tr><th>GPU</th><th>memory</th><th>this setting</th><th>used</th></tr>"
+
+
+def _one_sentence(raised):
+    message = str(raised.value)
+    assert message.endswith(".") and ". " not in message, message
+
+
+@pytest.mark.parametrize("stage", MEMORY_STAGES)
+def test_one_device_shows_what_it_always_showed_whatever_the_stage(stage):
+    before = memory_stats(*SEVEN_B)
+    after = memory_stats(*SEVEN_B, n_devices=1, stage=stage)
+    assert {**after, "stage": "ddp"} == before  # nothing to shard on one device
+    assert not any(key.startswith("device_") for key in after)
+    assert format_memory_stats(after) == format_memory_stats(before)
+    assert _memory_gpu_table(after) == _memory_gpu_table(before)
+    assert _memory_gpu_table(after).startswith(f"<table>{ONE_GPU_HEAD}")
+
+
+def test_eight_gpus_zero3_for_a_7b_full_fine_tune_is_sharding_per_device():
+    stats = memory_stats(*SEVEN_B, n_devices=8, stage="zero3")
+    sharded = sharding.estimate_per_device("Llama-2-7B", "full", 8, "zero3", **MIXED_7B)
+    for part, value in sharded.breakdown().items():
+        assert stats[f"device_{part}_bytes"] == value
+    assert stats["device_total_bytes"] == sharded.total < stats["total_bytes"] / 4
+    text = format_memory_stats(stats)
+    assert text.startswith("per device, zero3 on 8 devices: ")
+    assert f"total {sharded.total / memory.GB:.2f} GB" in text
+    assert f"gathered {sharded.gathered / memory.GB:.2f} GB" in text
+    for gpu, ok in stats["gpus"].items():
+        assert ok == sharding.fits_on_devices("Llama-2-7B", "full", gpu, 8, "zero3", **MIXED_7B)
+        needed = sharding.devices_needed("Llama-2-7B", "full", gpu, "zero3", **MIXED_7B)
+        assert stats["devices_needed"][gpu] == needed
+    assert text.endswith("fits: " + ", ".join(f"8 × {gpu}" for gpu in stats["fits"]))
+    table = _memory_gpu_table(stats)
+    assert "on 8 × GPU (zero3)" in table and "fewest GPUs under zero3" in table
+    for gpu, needed in stats["devices_needed"].items():
+        assert f"<td>{html.escape(gpu)}</td>" in table and f"<td>{needed}</td>" in table
+    assert table.count("✓ fits") == len(stats["fits"])
+
+
+def test_a_run_that_never_fits_says_so():
+    stats = memory_stats("Llama-3-70B", "full", "bf16", 1, 512, "adamw", 2, "ddp")
+    assert set(stats["devices_needed"].values()) == {None}  # DDP replicates everything
+    assert _memory_gpu_table(stats).count("more than 1024") == len(memory.GPUS)
+    assert format_memory_stats(stats).endswith("fits: none")
+
+
+def test_changing_the_devices_and_stage_controls_updates_the_widget():
+    calculator = memory_calculator(*SEVEN_B)
+    devices, stage = (calculator.sharding_controls[name] for name in ("n_devices", "stage"))
+    assert MEMORY_DEVICES_CLASS in devices._dom_classes and MEMORY_STAGE_CLASS in stage._dom_classes
+    assert list(devices.options) == list(MEMORY_DEVICES) == [1, 2, 4, 8, 16, 32, 64]
+    assert devices.value == 1
+    assert list(stage.options) == [s for s in sharding.STAGES if s != "fsdp_hybrid_shard"]
+    assert stage.value == "ddp" and devices.description == "devices"
+    one_gpu = calculator.gpu_table.value
+    assert one_gpu == _memory_gpu_table(memory_stats(*SEVEN_B))
+
+    devices.value = 8
+    stage.value = "zero3"
+    expected = memory_stats(*SEVEN_B, n_devices=8, stage="zero3")
+    assert calculator.stats == expected
+    assert calculator.gpu_table.value == _memory_gpu_table(expected) != one_gpu
+    assert _text(calculator) == format_memory_stats(expected)
+    stage.value = "zero1"
+    assert calculator.gpu_table.value == _memory_gpu_table(memory_stats(*SEVEN_B, 8, "zero1"))
+    devices.value = 1
+    assert calculator.gpu_table.value == one_gpu  # back to one GPU: as before
+    assert _text(calculator) == format_memory_stats(memory_stats(*SEVEN_B))
+
+
+def test_the_chart_draws_per_device_bars():
+    calculator = memory_calculator(*SEVEN_B, n_devices=4, stage="fsdp_full_shard")
+    assert calculator.stats["n_devices"] == 4
+    (output,) = calculator.chart.outputs
+    assert output["data"]["image/png"].startswith("iVBORw0KGgo")
+    assert output["data"]["text/plain"].startswith("per device, fsdp_full_shard on 4 devices")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_devices": 0}, ValueError, "n_devices must be a positive integer"),
+        ({"n_devices": "8"}, TypeError, "n_devices must be a positive integer"),
+        ({"stage": "zero4"}, ValueError, "unknown stage"),
+        ({"stage": "fsdp_hybrid_shard"}, ValueError, "stage must be one of"),
+    ],
+)
+def test_bad_devices_or_stage_get_one_sentence(kwargs, error, match):
+    with pytest.raises(error, match=match) as raised:
+        memory_stats(**kwargs)
+    _one_sentence(raised)
+    with pytest.raises(error, match=match):
+        memory_calculator(**kwargs)
+
+
+def test_the_calculator_offers_only_its_device_counts():
+    with pytest.raises(ValueError, match="n_devices must be one of") as raised:
+        memory_calculator(n_devices=3)
+    _one_sentence(raised)
+    assert memory_stats(n_devices=3)["n_devices"] == 3  # the function itself takes any count
