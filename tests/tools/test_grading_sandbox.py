@@ -1,22 +1,31 @@
 """One batch graded in the OS sandbox (bubblewrap), then with the in-process guard alone.
 
-Honest students (solved, untouched, partial, and a lesson 03 notebook under a browser's download
-name) and students whose answers raise, hang, flood their output or end the kernel, and hostile
-ones that try to (a) read another student's notebook and the masters, by open, by `cat` and by
-C; (b) delete another submission through a subprocess and through C; (c) reach a server on
-127.0.0.1; (d) fork in a loop; (e) allocate memory until stopped; (f) write a file until stopped;
-(g) spoof the tests: replace torch.allclose, torch.equal, torch.testing.assert_close,
-math.isclose, numpy.allclose, the course's reference class (by name and in place), the
-comparison the checks use and the check itself, in cells of their own, then hand in a wrong
-answer; (h) lie: return objects whose comparisons always say yes. The attacks (a)-(f) run inside
-the answer function, when the tests call it (top-level code is not run by the grader: only
-definitions), and each such answer then returns the right value, so what it earns is what its
-real answers earn.
+Three honest students (solved, untouched, partial with lesson 03 under a browser's download
+name) and three hostile ones, each doing several things in one kernel (a kernel start is most
+of what a student costs). The attacker's answer functions (a) read another student's notebook
+and the masters, by open, by `cat` and by C; (b) delete another submission through a subprocess
+and through C; (c) reach a server on 127.0.0.1 (these three in ex1's lora_forward); flood their
+output (ex2's lora_param_counts, alone, so the cut hides no other attack's output); (d) write a
+file until stopped, (e) allocate memory until stopped, (f) fork in a loop (in this order, in
+ex3's best_rank_r). The forks come last: their sleeping children keep the process limit used
+up, so the kernel cannot start a thread afterwards (a flood's large messages need one: a flood
+after the forks loses its output). Each attack runs once, when the tests first call the
+function (top-level code is not run by the grader: only definitions), and the function then
+returns the model answer's value, so the attacker earns what its real answers earn: full marks.
+The misbehaver's answers end the kernel with os._exit (ex1), hang (ex2) and raise (ex3): each
+costs only its exercise, and the exercises after the os._exit and after the hang are still
+graded. The cheater (g) spoofs the tests: it replaces torch.allclose, torch.equal,
+torch.testing.assert_close, math.isclose, numpy.allclose, the course's reference class (by
+name and in place), the comparison the checks use and the check itself, in cells of their own,
+then hands in a wrong ex1; and (h) lies: returns objects whose comparisons always say yes (ex2:
+a dict of a class whose == says yes; ex3: a tensor subclass that answers torch.allclose and
+torch.equal).
 
-In the sandbox every attack fails and every grade is the honest one. With the guard alone the
-test records what it cannot stop (instructors/README.md lists the same): C-level reads and
-deletions (deletions are undone by the snapshot afterwards) and the network; forking and memory
-are not tried there, since nothing would stop them.
+In the sandbox every attack fails and every grade is the honest one. With the guard alone (the
+victim alice, an intruder doing the attacker's ex1, the cheater) the test records what it cannot
+stop (instructors/README.md lists the same): C-level reads and deletions (deletions are undone
+by the snapshot afterwards) and the network; forking and memory are not tried there, since
+nothing would stop them.
 """
 
 import csv
@@ -164,7 +173,7 @@ def lora_total(config, r, targets):
     return Yes()
 """
 LYING_TENSOR = """
-def lora_forward(x, W, A, B, alpha, r):
+def best_rank_r(W, r):
     import torch
 
     def agree(cls, func, types, args=(), kwargs=None):
@@ -173,30 +182,34 @@ def lora_forward(x, W, A, B, alpha, r):
         return torch.Tensor.__torch_function__.__func__(cls, func, types, args, kwargs or {})
 
     agreeable = type("Agreeable", (torch.Tensor,), {"__torch_function__": classmethod(agree)})
-    return (x @ W.T).as_subclass(agreeable)  # wrong values, in a tensor that agrees
+    wrong = W.clone().as_subclass(agreeable)  # W itself, not rank r: in a tensor that agrees
+    return wrong, torch.zeros(()).as_subclass(agreeable)
 """
 RIGHT_AFTER = """
-_attacked = []
+_honest_{name} = {name}
+_attacked_{name} = []
 
 
-def lora_forward(x, W, A, B, alpha, r):
-    '''The right answer, after the attack (run once, when the tests first call it).'''
-    if not _attacked:
-        _attacked.append(True)
-        attack()
-    return x @ W.T + (alpha / r) * ((x @ A.T) @ B.T)
+def {name}(*args, **kwargs):
+    '''The model answer, after the attack (run once, when the tests first call it).'''
+    if not _attacked_{name}:
+        _attacked_{name}.append(True)
+        _attack_{name}()
+    return _honest_{name}(*args, **kwargs)
 """
-MISBEHAVE = {  # answers that raise, hang, flood or end the kernel, in the answer function
-    "raiser": (1, "def lora_param_counts(config, r):\n    raise RuntimeError('boom')"),
-    "hanger": (0, "def lora_forward(x, W, A, B, alpha, r):\n    while True:\n        pass"),
-    "crasher": (1, "def lora_param_counts(config, r):\n    import os\n\n    os._exit(1)"),
-}
 FLOOD = "for _ in range(20):\n    print('x' * 1_000_000)"
+MISBEHAVE = (  # one per exercise, in the answer function: ends the kernel, hangs, raises
+    "def lora_forward(x, W, A, B, alpha, r):\n    import os\n\n    os._exit(1)",
+    "def lora_param_counts(config, r):\n    while True:\n        pass",
+    "def best_rank_r(W, r):\n    raise RuntimeError('boom')",
+)
 
 
-def _in_answer(attack: str) -> str:
-    """An answer cell that runs `attack` inside lora_forward, once, then answers right."""
-    return "def attack():\n" + textwrap.indent(attack.strip(), "    ") + "\n\n" + RIGHT_AFTER
+def _in_answer(name: str, *attacks: str) -> str:
+    """An answer cell: the model answer, whose function `name` first runs `attacks`, once."""
+    code = "\n".join(textwrap.dedent(attack).strip() for attack in attacks)
+    attack = f"def _attack_{name}():\n" + textwrap.indent(code, "    ")
+    return f"SOLVED\n\n\n{attack}\n\n{RIGHT_AFTER.format(name=name)}"
 
 
 def _answers(master: Path) -> dict[str, str]:
@@ -259,28 +272,29 @@ def _students(ids: list[str], attacks: dict[str, str], hostile, honest: bool) ->
     students = {"alice": {**solved, ids[0]: f"# {ALICE_SECRET}\nSOLVED"}}  # the victim
     if honest:
         students |= {"bob": {}, "carol": {ids[0]: "SOLVED"}}
-    for name in hostile:
-        if name in attacks:
-            students[name] = {**solved, ids[0]: _in_answer(attacks[name])}
-        elif name in MISBEHAVE:
-            cell, code = MISBEHAVE[name]
-            students[name] = {**solved, ids[cell]: f"SOLVED\n\n\n{code}\n"}
-    if "flooder" in hostile:
-        students["flooder"] = {**solved, ids[0]: _in_answer(FLOOD)}
-    if "spoofer" in hostile:
-        students["spoofer"] = {**solved, ids[0]: WRONG}
-    if "liar" in hostile:
-        students["liar"] = {**solved, ids[0]: LYING_TENSOR, ids[1]: LIES}
+    intrusion = (attacks["reader"], attacks["vandal"], attacks["caller"])
+    if "attacker" in hostile:  # the forks use up the process limit: they come last
+        students["attacker"] = {
+            ids[0]: _in_answer("lora_forward", *intrusion),
+            ids[1]: _in_answer("lora_param_counts", FLOOD),
+            ids[2]: _in_answer("best_rank_r", FILL, HOG, FORK),
+        }
+    if "intruder" in hostile:  # the attacker's ex1 alone
+        students["intruder"] = {**solved, ids[0]: _in_answer("lora_forward", *intrusion)}
+    if "misbehaver" in hostile:
+        students["misbehaver"] = {i: f"SOLVED\n\n\n{code}\n" for i, code in zip(ids, MISBEHAVE)}
+    if "cheater" in hostile:
+        students["cheater"] = {ids[0]: WRONG, ids[1]: LIES, ids[2]: LYING_TENSOR}
     return students
 
 
 def _hand_in(submissions: Path, exercises: Path, solutions: Path, students: dict) -> None:
-    """Write each student's notebook; the spoofer's gets two cells of its own."""
+    """Write each student's notebook; the cheater's gets two cells of its own."""
     for name, answers in students.items():
         target = submissions / name / "02_lora_math_exercises.ipynb"
         target.parent.mkdir(parents=True)
         notebook = _notebook(exercises, solutions, answers, LORA)
-        if name == "spoofer":  # before the set-up imports the checks, and right after it
+        if name == "cheater":  # before the set-up imports the checks, and right after it
             setup = next(
                 i
                 for i, c in enumerate(notebook.cells)
@@ -309,11 +323,7 @@ def _grade(tmp: Path, isolate: bool, hostile: tuple[str, ...], honest: bool = Tr
         "reader": READ.format(paths=[str(master), str(alice)]),
         "vandal": DELETE.format(path=str(alice)),
         "caller": CONNECT.format(port=listener.port),
-        "forker": FORK,
-        "hog": HOG,
-        "filler": FILL,
     }
-    attacks["intruder"] = attacks["reader"] + attacks["vandal"] + attacks["caller"]
     students = _students(list(_answers(master)), attacks, hostile, honest)
     _hand_in(submissions, exercises, solutions, students)
     notebook = nbformat.read(master, as_version=4)
@@ -358,8 +368,8 @@ def _printed_number(page: str, label: str) -> int | None:
 
 
 HONEST = {"alice": 10, "bob": 0, "carol": 2}
-ATTACKERS = ("reader", "vandal", "caller", "forker", "hog", "filler")
-HOSTILE = (*ATTACKERS, "spoofer", "liar", "raiser", "hanger", "flooder", "crasher")
+HOSTILE = ("attacker", "misbehaver", "cheater")
+EX1, EX2, EX3 = "ex1_lora_forward_tests", "ex2_lora_param_counts_tests", "ex3_best_rank_r_tests"
 
 
 @pytest.fixture(scope="module")
@@ -371,8 +381,8 @@ def sandboxed(tmp_path_factory):
     return _grade(tmp_path_factory.mktemp("sandboxed"), True, HOSTILE)
 
 
-def _reason(sandboxed, student: str, exercise: str) -> str:
-    return sandboxed["rows"][student, exercise].reason
+def _reason(graded, student: str, exercise: str) -> str:
+    return graded["rows"][student, exercise].reason
 
 
 def test_honest_students_get_their_own_grades(sandboxed):
@@ -403,44 +413,56 @@ def test_the_batch_fits_in_one_csv_with_a_row_per_student_and_exercise(sandboxed
         assert row["status"] == "passed" or row["reason"], row
 
 
-def test_each_attacker_gets_what_its_real_answers_earn(sandboxed):
-    totals = sandboxed["totals"]
-    for name in ATTACKERS:
-        assert totals[name] == 10, (name, sandboxed["reasons"][name])
+#: What each attack prints when it has run; the page shows the source too, so each pattern
+#: takes in what only the output has (the space or number after the label).
+TRACES = (
+    r"open failed: \w+", r"cat failed: \w+", r"C read: ", r"rm failed: \w+", r"C unlink: -1",
+    r"no connection: ", r"FILL stopped: ", r"HOG stopped at \d+ MB", r"FORKS \d+",
+)  # fmt: skip
 
 
-def test_spoofing_the_tests_earns_nothing(sandboxed):
-    """Top-level patches (torch.allclose, the checks, LoRALinear in place) are not run."""
-    assert sandboxed["totals"]["spoofer"] == 10 - 2, sandboxed["reasons"]["spoofer"]
-    reason = _reason(sandboxed, "spoofer", "ex1_lora_forward_tests")
-    assert "gives wrong values" in reason and "not run" in reason, reason
-    page = sandboxed["pages"]["spoofer"]
-    assert "# [not run by the grader] check.lora_forward = lambda" in page
+def test_the_attacker_gets_what_its_real_answers_earn(sandboxed):
+    """Every attack ran (each left its line in the feedback), and none cost or earned a point."""
+    assert sandboxed["totals"]["attacker"] == 10, sandboxed["reasons"]["attacker"]
+    page = sandboxed["pages"]["attacker"]
+    assert not [trace for trace in TRACES if not re.search(trace, page)]
 
 
-def test_objects_that_agree_with_everything_earn_nothing(sandboxed):
-    """A tensor subclass that answers torch.allclose, a class whose == says yes: both caught."""
-    assert sandboxed["totals"]["liar"] == 5, sandboxed["reasons"]["liar"]
-    assert "subclass of torch.Tensor" in _reason(sandboxed, "liar", "ex1_lora_forward_tests")
-    assert "class Yes" in _reason(sandboxed, "liar", "ex2_lora_param_counts_tests")
+def _cheater_is_caught(graded) -> None:
+    """Each of the cheater's three exercises earns nothing, for its own reason."""
+    rows = {ex: graded["rows"]["cheater", ex] for ex in (EX1, EX2, EX3)}
+    assert graded["totals"]["cheater"] == 0, graded["reasons"]["cheater"]
+    assert all(r.score == 0 and r.status == "failed" for r in rows.values()), rows
+    assert "gives wrong values" in rows[EX1].reason and "not run" in rows[EX1].reason, rows[EX1]
+    assert "class Yes" in rows[EX2].reason, rows[EX2]
+    assert "subclass of torch.Tensor" in rows[EX3].reason, rows[EX3]
+    assert "# [not run by the grader] check.lora_forward = lambda" in graded["pages"]["cheater"]
 
 
-def test_an_answer_that_raises_hangs_or_ends_the_kernel_costs_only_its_exercise(sandboxed):
-    totals = sandboxed["totals"]
-    assert totals["raiser"] == 10 - 3
-    assert "RuntimeError: boom" in _reason(sandboxed, "raiser", "ex2_lora_param_counts_tests")
-    assert totals["hanger"] == 10 - 2
-    reason = _reason(sandboxed, "hanger", "ex1_lora_forward_tests")
-    assert f"longer than {CELL_TIMEOUT} s" in reason, reason
-    assert totals["crasher"] == 10 - 3
-    assert "os._exit" in _reason(sandboxed, "crasher", "ex2_lora_param_counts_tests")
+def test_spoofing_the_tests_and_lying_objects_earn_nothing(sandboxed):
+    """Top-level patches (torch.allclose, the checks, LoRALinear in place) are not run, so the
+    wrong ex1 is found wrong; a class whose == says yes (ex2) and a tensor subclass that answers
+    torch.allclose (ex3) are both caught."""
+    _cheater_is_caught(sandboxed)
+
+
+def test_an_answer_that_ends_the_kernel_hangs_or_raises_costs_only_its_exercise(sandboxed):
+    """The exercise after the os._exit and the one after the hang are still graded: a dead
+    kernel would make every row an error with one reason."""
+    rows = {ex: sandboxed["rows"]["misbehaver", ex] for ex in (EX1, EX2, EX3)}
+    assert sandboxed["totals"]["misbehaver"] == 0, sandboxed["reasons"]["misbehaver"]
+    assert all(r.score == 0 and r.status == "failed" for r in rows.values()), rows
+    assert "raised PermissionError" in rows[EX1].reason and "os._exit" in rows[EX1].reason
+    assert f"longer than {CELL_TIMEOUT} s" in rows[EX2].reason, rows[EX2]
+    assert "RuntimeError: boom" in rows[EX3].reason, rows[EX3]
+    assert not any("PermissionError" in rows[ex].reason for ex in (EX2, EX3)), rows
 
 
 def test_a_flood_of_output_is_cut_and_does_not_cost_points(sandboxed):
-    assert sandboxed["totals"]["flooder"] == 10
-    [page] = (sandboxed["out"] / "feedback" / "flooder").rglob("*.html")
+    assert sandboxed["rows"]["attacker", EX2].status == "passed"
+    [page] = (sandboxed["out"] / "feedback" / "attacker").rglob("*.html")
     assert page.stat().st_size < 2_000_000
-    assert "the grader cut this cell" in sandboxed["pages"]["flooder"]
+    assert "the grader cut this cell" in sandboxed["pages"]["attacker"]
 
 
 def test_no_one_reads_the_masters_or_another_students_notebook(sandboxed):
@@ -455,12 +477,12 @@ def test_nothing_outside_a_scratch_folder_changes_and_nothing_needed_restoring(s
 
 
 def test_no_network_and_bounded_forks_memory_and_files(sandboxed):
-    pages = sandboxed["pages"]
-    assert sandboxed["reached"] == 0 and "no connection" in pages["caller"]
-    forks = _printed_number(pages["forker"], "FORKS")
+    page = sandboxed["pages"]["attacker"]
+    assert sandboxed["reached"] == 0 and "no connection: " in page  # the output, not the code
+    forks = _printed_number(page, "FORKS")
     assert forks is not None and forks < LIMITS.processes, forks
-    assert "HOG stopped at" in pages["hog"]
-    assert "FILL stopped: File too large" in pages["filler"]
+    assert re.search(r"HOG stopped at \d+ MB", page)
+    assert "FILL stopped: File too large" in page
 
 
 def test_the_batch_finishes_within_a_bound(sandboxed):
@@ -471,9 +493,9 @@ def test_the_batch_finishes_within_a_bound(sandboxed):
 def test_the_guard_alone_says_what_it_cannot_stop(tmp_path):
     """Without bubblewrap: Python-level attempts are stopped; C-level reads and the network are
     not. Spoofing and lying answers are caught as in the sandbox (the grader's own rules)."""
-    hostile = ("intruder", "spoofer", "liar")  # intruder = reader + vandal + caller
-    result = _grade(tmp_path, False, hostile, honest=False)
-    assert result["totals"] == {"alice": 10, "intruder": 10, "spoofer": 8, "liar": 5}
+    result = _grade(tmp_path, False, ("intruder", "cheater"), honest=False)
+    assert result["totals"] == {"alice": 10, "intruder": 10, "cheater": 0}
+    _cheater_is_caught(result)
     assert "cat failed: PermissionError" in result["pages"]["intruder"]  # no subprocess
     assert MASTER_SECRET in result["pages"]["intruder"]  # C read: the guard cannot stop it
     assert result["reached"] == 1  # the network is open
