@@ -72,11 +72,12 @@ def pytest_runtest_setup(item):
 #: this order, so the long ones start at once instead of running alone at the end. Lesson 05's
 #: nbval run comes after the second-run file has passed lesson 05 (they share its lock).
 SLOWEST_FIRST = (
-    "tests/tools/test_grading_sandbox.py",  # ~250 s: one batch of 17 students, 2 at a time
+    "tests/tools/test_grading_sandbox.py",  # ~220 s: 7 students, 2 at a time, then 3 alone
     "tests/notebooks/test_notebooks_rerun.py",  # 110-200 s: lesson 05 again
     "tests/notebooks/test_exercises.py",  # ~150 s: validate on 4 masters, Run All on 11
     "tests/tools/test_grading.py",  # ~120 s: the model answers of 01, 04, 05, 06 and 10
     "notebooks/11_merge_and_deploy.ipynb",  # 196 s
+    "notebooks/12_beyond_one_machine.ipynb",  # ~150 s: five 2-process training runs
     "notebooks/07_full_finetuning_lab.ipynb",  # 164 s
     "notebooks/10_preference_tuning.ipynb",  # 152 s
     "notebooks/08_unsloth_lab.ipynb",  # 129 s

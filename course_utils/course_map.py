@@ -61,6 +61,12 @@ LESSONS: tuple[Lesson, ...] = (
     Lesson(9, "lora_zoo", "The LoRA zoo", "LoRA variants behind a one-line switch"),
     Lesson(10, "preference_tuning", "Preference tuning", "DPO with TRL; PPO explained"),
     Lesson(11, "merge_and_deploy", "Merge and deploy", "merging, adapters, export, inference"),
+    Lesson(
+        12,
+        "beyond_one_machine",
+        "Beyond one machine",
+        "DDP and FSDP on 2 processes, ZeRO/FSDP bytes per device, a cluster launch",
+    ),
 )
 
 

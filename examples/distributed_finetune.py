@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
     p.add_argument("--learning-rate", type=float, default=1e-4, help="(default 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="of the data order (default 0)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU cores even if there are GPUs")
     p.add_argument("--report", type=Path, help="write the run's measurements here (JSON)")
     p.add_argument("--output", help="save the LoRA adapter here (DDP runs only)")
     args = p.parse_args()
@@ -119,9 +120,10 @@ def peak_meter(device):
     """A context that records peak tensor bytes: CUDA's counter, or the course's CPU one."""
     import torch
 
-    if device.type == "cuda":
+    if device.type == "cuda":  # counted from here, as the CPU counter does
         torch.cuda.reset_peak_memory_stats(device)
-        return nullcontext(), lambda: torch.cuda.max_memory_allocated(device)
+        start = torch.cuda.memory_allocated(device)
+        return nullcontext(), lambda: torch.cuda.max_memory_allocated(device) - start
     try:  # the course's counter (torch.profiler's allocations); absent outside the course
         from course_utils.peak_memory import PeakMemory
     except ImportError:
@@ -153,7 +155,7 @@ def main() -> None:
 
     # gloo on a CPU, NCCL on GPUs; DDP's gradients live in its all-reduce buckets (no copy)
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), kwargs_handlers=[ddp])
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = args.batch_size * args.accumulation * world  # the effective batch
     if len(train) < args.steps * per_step:
