@@ -67,6 +67,12 @@ LESSONS: tuple[Lesson, ...] = (
         "Beyond one machine",
         "DDP and FSDP on 2 processes, ZeRO/FSDP bytes per device, a cluster launch",
     ),
+    Lesson(
+        13,
+        "your_own_finetune",
+        "Capstone: your own fine-tune",
+        "your file in any common shape: convert, validate, choose, train, score, export",
+    ),
 )
 
 
