@@ -35,6 +35,8 @@ help:
 	@echo "make bench    speed, MFU and peak memory of full/LoRA/QLoRA, scoring speed, estimator vs measured (bench/results/)"
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
+	@echo "make frameworks  Axolotl and LLaMA-Factory in their own environments (lesson 13; GBs, minutes)"
+	@echo "make test-frameworks  train each framework a few steps and load its adapter (after make frameworks)"
 
 setup: $(STAMP)
 
@@ -124,3 +126,32 @@ grade: setup sandbox
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+
+# Lesson 13's frameworks, each in its own virtual environment (their pins clash with .venv's):
+# `make frameworks` builds both, once (Axolotl 4.3 GB, LLaMA-Factory 2.1 GB; 3 and 4 min here with
+# pip's cache warm, up to 9 and 5 min without). TORCH_INDEX works as for `make setup`.
+# PyPI has no CPU build of torchvision/torchaudio, and its CUDA builds fail to load beside the
+# CPU torch: torchvision goes (neither framework imports it); LLaMA-Factory imports torchaudio,
+# so it keeps its pure-Python part without the CUDA-linked libraries (torchaudio then reports
+# its extension unavailable, the case it supports; only audio datasets would need it).
+.PHONY: axolotl llamafactory frameworks test-frameworks
+
+axolotl: .venv-axolotl/.course-installed
+llamafactory: .venv-llamafactory/.course-installed
+frameworks: axolotl llamafactory
+
+.venv-%/.course-installed: requirements-%.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 needed (Axolotl 0.19, the CPU torch wheel)"'
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),.venv-$*/bin/python -m pip install -q torch==$(TORCH_PIN) --index-url $(TORCH_INDEX))
+	.venv-$*/bin/python -m pip install -q -r requirements-$*.txt
+	.venv-$*/bin/python -m pip uninstall -q -y torchvision
+	rm -f .venv-$*/lib/python3.11/site-packages/torchaudio/lib/*.so
+	touch $@
+
+# Trains each framework a few steps and loads its adapter in .venv (tests/frameworks). A clean
+# clone gets the course environment and model first; an existing .venv is used as it is.
+test-frameworks: frameworks $(if $(wildcard $(STAMP)),,model)
+	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 COURSE_FRAMEWORKS=1 $(BIN)/python -m pytest tests/frameworks \
+		-m frameworks $(PYTEST_ARGS)

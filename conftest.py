@@ -78,6 +78,7 @@ SLOWEST_FIRST = (
     "tests/tools/test_grading.py",  # ~120 s: the model answers of 01, 04, 05, 06 and 10
     "notebooks/11_merge_and_deploy.ipynb",  # 196 s
     "notebooks/12_beyond_one_machine.ipynb",  # ~150 s: five 2-process training runs
+    "notebooks/14_your_own_finetune.ipynb",  # ~130 s: two short trainings, scoring, export
     "notebooks/07_full_finetuning_lab.ipynb",  # 164 s
     "notebooks/10_preference_tuning.ipynb",  # 152 s
     "notebooks/08_unsloth_lab.ipynb",  # 129 s

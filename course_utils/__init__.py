@@ -13,7 +13,7 @@ One module per idea, each read by the lesson that teaches it:
 - ``quant``      absmax, zero-point, blockwise, NF4, double quant, Q4_1 from scratch    (03)
 - ``widgets``    the rank/alpha explorers and the memory calculator                     (02, 03)
 - ``checks``     one-sentence argument checks shared by the modules
-- ``claims``     a lesson's claims, recorded where measured and checked in its last cell (00-13)
+- ``claims``     a lesson's claims, recorded where measured and checked in its last cell (00-14)
 - ``data``       JSONL chat data, assistant-only labels, block grouping, the course datasets (read),
                  prompt/completion rows for TRL's SFTTrainer                               (04, 05)
 - ``curation``   a task's checks for new examples, de-duplication, a split by group     (04)
@@ -30,7 +30,9 @@ One module per idea, each read by the lesson that teaches it:
 - ``deploy``     generation speed, GGUF export and reload                                 (11)
 - ``sharding``   bytes per device under DDP, ZeRO-1/2/3 and FSDP, with offload, in N devices (12)
 - ``cluster_launch`` accelerate config, launch lines, DeepSpeed config, SLURM script from one plan (12)
-- ``own_data``   your file in any common shape: read, validate by line, convert for SFTTrainer (13)
+- ``framework_configs`` one run as TRL arguments, an Axolotl and a LLaMA-Factory YAML      (13)
+- ``framework_runs`` Axolotl / LLaMA-Factory in their own environments, run and measured (13)
+- ``own_data``   your file in any common shape: read, validate by line, convert for SFTTrainer (14)
 
 The tools (benchmarks, grading, the dataset builders, timings) are the package ``course_tools``,
 which imports this one; this one never imports it.

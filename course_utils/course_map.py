@@ -69,6 +69,12 @@ LESSONS: tuple[Lesson, ...] = (
     ),
     Lesson(
         13,
+        "frameworks",
+        "Frameworks and services",
+        "the same run as TRL, Axolotl and LLaMA-Factory; hosted services compared",
+    ),
+    Lesson(
+        14,
         "your_own_finetune",
         "Capstone: your own fine-tune",
         "your file in any common shape: convert, validate, choose, train, score, export",
