@@ -370,26 +370,19 @@ def memory_stats(
     seq_len = positive_int(seq_len, "seq_len", "seq_len=4")
     n_devices = positive_int(n_devices, "n_devices", "n_devices=8")
     stage = one_of(sharding.normalise_stage(stage), "stage", MEMORY_STAGES)
-    master_weights = method == "full" and dtype != "fp32"
-    est = memory.estimate(
-        model,
-        method,
-        dtype,
-        batch,
-        seq_len,
-        optimizer,
-        master_weights=master_weights,
-        adapter_dtype=MEMORY_ADAPTER_DTYPE,
-    )
-    stats: dict = {
-        "model": model,
-        "method": method,
+    setting = {  # memory.estimate's settings, the same for one device and for N
         "dtype": dtype,
         "batch": batch,
         "seq_len": seq_len,
         "optimizer": optimizer,
-        "master_weights": master_weights,
+        "master_weights": method == "full" and dtype != "fp32",
         "adapter_dtype": MEMORY_ADAPTER_DTYPE,
+    }
+    est = memory.estimate(model, method, **setting)
+    stats: dict = {
+        "model": model,
+        "method": method,
+        **setting,
         "n_params": est.n_params,
         "trainable_params": est.trainable_params,
         "n_devices": n_devices,
@@ -401,14 +394,6 @@ def memory_stats(
     gpus = sorted(memory.GPUS, key=lambda name: memory.GPUS[name])
     stats["gpus"] = {name: memory.fits(est, name) for name in gpus}
     if n_devices > 1:
-        setting = {
-            "dtype": dtype,
-            "batch": batch,
-            "seq_len": seq_len,
-            "optimizer": optimizer,
-            "master_weights": master_weights,
-            "adapter_dtype": MEMORY_ADAPTER_DTYPE,
-        }
         sharded = sharding.estimate_per_device(model, method, n_devices, stage, **setting)
         for part, value in sharded.breakdown().items():
             stats[f"device_{part}_bytes"] = value
