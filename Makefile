@@ -150,8 +150,9 @@ frameworks: axolotl llamafactory
 	rm -f .venv-$*/lib/python3.11/site-packages/torchaudio/lib/*.so
 	touch $@
 
-# Trains each framework a few steps and loads its adapter in .venv (tests/frameworks). A clean
-# clone gets the course environment and model first; an existing .venv is used as it is.
+# Trains each framework a few steps and loads its adapter in .venv (tests/frameworks), then runs
+# lesson 13 with the environments (make test runs it without them). A clean clone gets the course
+# environment and model first; an existing .venv is used as it is.
 test-frameworks: frameworks $(if $(wildcard $(STAMP)),,model)
-	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 COURSE_FRAMEWORKS=1 $(BIN)/python -m pytest tests/frameworks \
-		-m frameworks $(PYTEST_ARGS)
+	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 COURSE_FRAMEWORKS=1 MPLBACKEND=Agg $(BIN)/python -m pytest \
+		tests/frameworks notebooks/13_frameworks.ipynb --nbval-lax --nbval-current-env $(PYTEST_ARGS)

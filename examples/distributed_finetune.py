@@ -203,7 +203,8 @@ def main() -> None:
             norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)  # as Trainer does
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
             optimizer.step()
-            states = model_state_bytes(model, optimizer)  # before the gradients are let go
+            if step == args.steps - 1:  # the last step's, before the gradients are let go
+                states = model_state_bytes(model, optimizer)
             optimizer.zero_grad()
             log["losses"].append(total)
             log["tokens"].append(tokens)
