@@ -35,7 +35,6 @@ FRAMEWORKS = ("axolotl", "llamafactory")
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = Path(__file__).resolve().parent / "data" / "frameworks_measured.json"
 STAMP = ".course-installed"  # written by the Makefile once an environment is complete
-DISTRIBUTIONS = {"axolotl": "axolotl", "llamafactory": "llamafactory"}
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 LOSS = re.compile(r"""['"]loss['"]:\s*['"]?([-+0-9.eE]+|nan)""")
 RUNTIME = re.compile(r"""['"]train_runtime['"]:\s*['"]?([0-9.eE+]+)""")
@@ -79,7 +78,7 @@ def version(framework: str, root: Path = ROOT) -> str | None:
     """The installed version of a framework in its environment, or None when it is missing."""
     folder = venv_dir(framework, root)
     paths = [str(p) for p in folder.glob("lib/python3*/site-packages")]
-    found = list(importlib.metadata.distributions(name=DISTRIBUTIONS[framework], path=paths))
+    found = list(importlib.metadata.distributions(name=framework, path=paths))  # the pip name
     return found[0].version if found else None
 
 
