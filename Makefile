@@ -23,7 +23,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # 185 s with a spin count of 10,000, which cost 3 % on an idle machine (98 s; docs/setup.md).
 export GOMP_SPINCOUNT ?= 10000
 
-.PHONY: course setup model browser sandbox test lint bench timings exercises check-exercises grade clean help
+.PHONY: course setup model browser sandbox test lint bench sweeps timings exercises check-exercises grade clean help
 OUT ?= outputs/grading
 
 help:
@@ -35,6 +35,7 @@ help:
 	@echo "make bench    speed, MFU and peak memory of full/LoRA/QLoRA, scoring speed, estimator vs measured (bench/results/)"
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
+	@echo "make sweeps   every run of lesson 08's hyperparameter grid (about an hour; docs/hyperparameters.md)"
 	@echo "make frameworks  Axolotl and LLaMA-Factory in their own environments (lesson 13; GBs, minutes)"
 	@echo "make test-frameworks  train each framework a few steps and load its adapter (after make frameworks)"
 
@@ -97,6 +98,12 @@ test: model browser sandbox lint
 		tests notebooks -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 \
 		--junitxml=outputs/test-artifacts/junit.xml $(PYTEST_ARGS)
+
+# Lesson 08's evidence: every run of the hyperparameter grid (about an hour on 2 CPU cores),
+# written to course_utils/data/sweeps.json, docs/hyperparameters.md and its figure. Not part of
+# `make test`; an interrupted sweep goes on where it stopped (SWEEP_ARGS=--fresh starts over).
+sweeps: model
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.sweeps $(SWEEP_ARGS)
 
 timings: model
 	$(BIN)/python -m course_tools.timings notebooks/*.ipynb
