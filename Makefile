@@ -23,7 +23,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # 185 s with a spin count of 10,000, which cost 3 % on an idle machine (98 s; docs/setup.md).
 export GOMP_SPINCOUNT ?= 10000
 
-.PHONY: course setup model browser sandbox test lint bench sweeps timings exercises check-exercises grade clean help
+.PHONY: course setup model browser sandbox test lint bench sweeps results timings exercises check-exercises grade clean help
 OUT ?= outputs/grading
 
 help:
@@ -36,6 +36,7 @@ help:
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
 	@echo "make sweeps   every run of lesson 08's hyperparameter grid (about an hour; docs/hyperparameters.md)"
+	@echo "make results  full FT, LoRA and QLoRA on three tasks, one table (about half an hour; docs/results_table.md)"
 	@echo "make frameworks  Axolotl and LLaMA-Factory in their own environments (lesson 13; GBs, minutes)"
 	@echo "make test-frameworks  train each framework a few steps and load its adapter (after make frameworks)"
 
@@ -99,11 +100,17 @@ test: model browser sandbox lint
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 \
 		--junitxml=outputs/test-artifacts/junit.xml $(PYTEST_ARGS)
 
-# Lesson 08's evidence: every run of the hyperparameter grid (about an hour on 2 CPU cores),
+# Lesson 08's evidence: every run of the hyperparameter grid, two at a time (about an hour on 2 cores),
 # written to course_utils/data/sweeps.json, docs/hyperparameters.md and its figure. Not part of
 # `make test`; an interrupted sweep goes on where it stopped (SWEEP_ARGS=--fresh starts over).
 sweeps: model
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.sweeps $(SWEEP_ARGS)
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.sweeps --jobs 2 $(SWEEP_ARGS)
+
+# The three-domain table: full fine-tuning, LoRA (4,16) (8,32) (16,32) and QLoRA (16,32) on the
+# classification, causal-LM and rentals tasks (course_utils/data/results.json,
+# docs/results_table.md; about half an hour on 2 cores). Not part of `make test`.
+results: model
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.results --jobs 2 $(RESULTS_ARGS)
 
 timings: model
 	$(BIN)/python -m course_tools.timings notebooks/*.ipynb

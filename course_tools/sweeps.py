@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
+from course_tools import parallel
 from course_tools.bench.common import machine
 from course_utils import assets, data, env, evaluate
 from course_utils import hyperparameters as hp
@@ -169,10 +170,32 @@ class Workbench:
         return run
 
 
-def provenance(seconds: float, argv: list[str]) -> dict[str, Any]:
+_SLOT: dict[str, Any] = {}
+
+
+def _start(threads: int | None) -> None:
+    """Prepare a process for runs: quiet libraries, the shared data loaded once."""
+    _quiet()
+    parallel.start_worker(Workbench, threads, _SLOT)
+
+
+def _train(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one run in a prepared process."""
+    return _SLOT["bench"].train_one(config)
+
+
+def _quiet() -> None:
+    """No progress bars from datasets, no notices from transformers."""
+    datasets.disable_progress_bars()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def provenance(seconds: float, argv: list[str], jobs: int) -> dict[str, Any]:
     """When, where and with what the results were made."""
     info = machine()
     versions = {k: info.pop(k) for k in ("torch", "transformers", "peft", "trl") if k in info}
+    if jobs > 1:
+        info["torch threads"] = f"1 per run, {jobs} runs at a time"
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": info,
@@ -290,6 +313,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", metavar="ID", help="run only these run ids")
     parser.add_argument("--fresh", action="store_true", help="ignore results already written")
     parser.add_argument("--list", action="store_true", help="print the run ids and stop")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
     return parser.parse_args(argv)
 
 
@@ -305,26 +329,33 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown run ids {unknown}; `--list` prints them.", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"--jobs must be 1 or more (got {args.jobs}); try --jobs 2.", file=sys.stderr)
+        return 2
     wanted = {rid: grid[rid] for rid in (args.only or grid)}
-    datasets.disable_progress_bars()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    _quiet()
     results = load_previous(args.out, args.fresh)
-    bench = Workbench()
     spent = results["provenance"].get("seconds", 0.0)
     started = time.perf_counter()
-    for task in sorted({c["task"] for c in wanted.values()} - set(results["before"])):
-        results["before"][task] = bench.score(task, bench.base_model())
+    missing = sorted({c["task"] for c in wanted.values()} - set(results["before"]))
+    if missing:
+        bench = Workbench()
+        for task in missing:
+            results["before"][task] = bench.score(task, bench.base_model())
+        del bench
     todo = [rid for rid in wanted if results["runs"].get(rid, {}).get("config") != grid[rid]]
     print(f"{len(wanted) - len(todo)} of {len(wanted)} runs already done; {len(todo)} to go")
-    for i, rid in enumerate(todo, 1):
-        run = bench.train_one(grid[rid])
-        results["runs"][rid] = run
+    for i, run in enumerate(
+        parallel.run_all(_start, _train, [grid[rid] for rid in todo], args.jobs), 1
+    ):
+        results["runs"][run["id"]] = run
         results["runs"] = {r: results["runs"][r] for r in grid if r in results["runs"]}
-        results["provenance"] = provenance(spent + time.perf_counter() - started, argv)
+        results["provenance"] = provenance(spent + time.perf_counter() - started, argv, args.jobs)
         write(results, args.out)
         score = hp.metric(run)
-        print(f"[{i}/{len(todo)}] {rid}: {score:.4g} ({run['train']['seconds']:.0f} s)", flush=True)
-    results["provenance"] = provenance(spent + time.perf_counter() - started, argv)
+        print(f"[{i}/{len(todo)}] {run['id']}: {score:.4g} ({run['train']['seconds']:.0f} s)")
+        sys.stdout.flush()
+    results["provenance"] = provenance(spent + time.perf_counter() - started, argv, args.jobs)
     write(hp.check_results(results), args.out)
     write_docs(results, args.docs, args.figure)
     print(f"wrote {args.out}, {args.docs} and {args.figure}")

@@ -1,0 +1,46 @@
+"""Runs of a long experiment, one process each, a few at a time (`make sweeps`, `make results`).
+
+Two runs on one thread each keep a 2-core machine busy with no waiting between threads (torch's
+OpenMP threads spin while they wait; a run on two threads next to anything else slows down
+several fold), and each run's numbers come from a process nothing else ran in.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def start_worker(make: Callable[[], Any], threads: int | None, slot: dict[str, Any]) -> None:
+    """Use `threads` CPU threads (None: torch's default) and keep `make()` in `slot`."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    slot["bench"] = make()
+
+
+def run_all(
+    start: Callable[[int | None], None],
+    work: Callable[[T], Any],
+    items: Iterable[T],
+    jobs: int,
+) -> Iterator[Any]:
+    """Yield ``work(item)`` for every item, in this process (jobs=1) or `jobs` processes at once.
+
+    `start(threads)` prepares a process once (it is given 1 thread in a worker, None here);
+    both functions must be defined at module level so that a fresh process can import them.
+    """
+    items = list(items)
+    if jobs == 1:
+        start(None)
+        yield from (work(item) for item in items)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked copy of torch's thread pool
+    with ProcessPoolExecutor(jobs, context, initializer=start, initargs=(1,)) as pool:
+        for future in as_completed([pool.submit(work, item) for item in items]):
+            yield future.result()
