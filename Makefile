@@ -37,7 +37,7 @@ help:
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
 	@echo "make sweeps   every run of lesson 08's hyperparameter grid (about an hour; docs/hyperparameters.md)"
 	@echo "make results  full FT, LoRA and QLoRA on three tasks, one table (about half an hour; docs/results_table.md)"
-	@echo "make frameworks  Axolotl and LLaMA-Factory in their own environments (lesson 13; GBs, minutes)"
+	@echo "make frameworks  Axolotl and LLaMA-Factory in their own environments (lesson 11; GBs, minutes)"
 	@echo "make test-frameworks  train each framework a few steps and load its adapter (after make frameworks)"
 
 setup: $(STAMP)
@@ -141,7 +141,7 @@ grade: setup sandbox
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
 
-# Lesson 13's frameworks, each in its own virtual environment (their pins clash with .venv's):
+# Lesson 11's frameworks, each in its own virtual environment (their pins clash with .venv's):
 # `make frameworks` builds both, once (Axolotl 4.3 GB, LLaMA-Factory 2.1 GB; 3 and 4 min here with
 # pip's cache warm, up to 9 and 5 min without). TORCH_INDEX works as for `make setup`.
 # PyPI has no CPU build of torchvision/torchaudio, and its CUDA builds fail to load beside the
@@ -165,8 +165,8 @@ frameworks: axolotl llamafactory
 	touch $@
 
 # Trains each framework a few steps and loads its adapter in .venv (tests/frameworks), then runs
-# lesson 13 with the environments (make test runs it without them). A clean clone gets the course
+# lesson 11 with the environments (make test runs it without them). A clean clone gets the course
 # environment and model first; an existing .venv is used as it is.
 test-frameworks: frameworks $(if $(wildcard $(STAMP)),,model)
 	COURSE_PROFILE=ci HF_HUB_OFFLINE=1 COURSE_FRAMEWORKS=1 MPLBACKEND=Agg $(BIN)/python -m pytest \
-		tests/frameworks notebooks/13_frameworks.ipynb --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+		tests/frameworks notebooks/11_frameworks.ipynb --nbval-lax --nbval-current-env $(PYTEST_ARGS)

@@ -75,14 +75,14 @@ SLOWEST_FIRST = (
     "tests/tools/test_grading_sandbox.py",  # ~220 s: 7 students, 2 at a time, then 3 alone
     "tests/notebooks/test_notebooks_rerun.py",  # 110-200 s: lesson 05 again
     "tests/notebooks/test_exercises.py",  # ~150 s: validate on 4 masters, Run All on 11
-    "tests/tools/test_grading.py",  # ~120 s: the model answers of 01, 04, 05, 06 and 10
-    "notebooks/11_merge_and_deploy.ipynb",  # 196 s
-    "notebooks/12_beyond_one_machine.ipynb",  # ~150 s: five 2-process training runs
-    "notebooks/14_your_own_finetune.ipynb",  # ~130 s: two short trainings, scoring, export
+    "tests/tools/test_grading.py",  # ~120 s: the model answers of 01, 04, 05, 06 and 13
+    "notebooks/14_merge_and_deploy.ipynb",  # 196 s
+    "notebooks/09_beyond_one_machine.ipynb",  # ~150 s: five 2-process training runs
+    "notebooks/15_your_own_finetune.ipynb",  # ~130 s: two short trainings, scoring, export
     "notebooks/07_full_finetuning_lab.ipynb",  # 164 s
-    "notebooks/10_preference_tuning.ipynb",  # 152 s
-    "notebooks/08_unsloth_lab.ipynb",  # 129 s
-    "notebooks/09_lora_zoo.ipynb",  # 113 s
+    "notebooks/13_preference_tuning.ipynb",  # 152 s
+    "notebooks/10_unsloth_lab.ipynb",  # 129 s
+    "notebooks/12_lora_zoo.ipynb",  # 113 s
     "notebooks/06_qlora_lab.ipynb",  # 110 s
     "notebooks/05_lora_lab.ipynb",  # 166 s, but after the second run of 05 (their lock)
     "tests/notebooks/test_browser_widgets.py",  # 99 s

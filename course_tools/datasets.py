@@ -1,7 +1,7 @@
 """The data sets the package ships, written from code: ``python -m course_tools.datasets --write | --check``.
 
 ``course_utils.data`` reads, formats and masks them (lesson 04); this module builds every split
-from a seed (the rentals listings, the standard-library docstrings, lesson 10's preference pairs)
+from a seed (the rentals listings, the standard-library docstrings, lesson 13's preference pairs)
 and writes the JSONL files and their manifest (file names, example counts, SHA-256) into
 ``course_utils/data/``. ``--check`` rebuilds them in a temporary folder and compares.
 """

@@ -245,10 +245,10 @@ def run_table(results: dict[str, Any]) -> str:
 
 def write_docs(results: dict[str, Any], docs: Path, figure: Path) -> None:
     """Write the markdown page and the figure, both generated from the results."""
-    import matplotlib
+    import matplotlib  # lazy: only the written figure needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: only the written figure needs it
 
     knobs = [k for k in hp.KNOBS if any(run for _, run in hp.runs_of(results, k))]
     cols = 4

@@ -11,7 +11,7 @@ same way in one call, and to race TRL's stock loss against the course's kernels:
   ``prepare_model_for_kbit_training`` (``"qlora"``);
 - the loss is TRL's default (``"chunked_nll"``) unless asked for the course's
   `course_utils.fused_loss` (``loss_type="fused"``), and the MLP is the model's own unless asked
-  for `course_utils.swiglu` (``fused_mlp=True``): lab 08's "going further" section;
+  for `course_utils.swiglu` (``fused_mlp=True``): lab 10's "going further" section;
 - the precision follows `course_utils.env`: fp32 on a CPU, bf16 (fp16 on a T4) on a GPU;
 - what the run measured comes from `course_utils.callbacks.TrainingMeter` (a `TrainResult`).
 """
@@ -224,12 +224,12 @@ def train(
     ``datasets.Dataset`` with ``input_ids`` and ``labels`` (e.g. blocks of text for causal LM).
     Returns a `TrainResult`; the model is trained in place. `loss_type` is one of LOSS_TYPES:
     TRL's ``"chunked_nll"`` (its default), ``"nll"``, the plain cross-entropy over all logits
-    (which Unsloth's CPU backend replaces with its own chunked one, lab 08), or the course's
+    (which Unsloth's CPU backend replaces with its own chunked one, lab 10), or the course's
     ``"fused"`` (`course_utils.fused_loss`). `fused_mlp=True` computes each MLP's
     SiLU(gate) * up with `course_utils.swiglu` (the same numbers, a quarter to a third fewer
     activations kept); False (the default) leaves the model's own MLP forward.
     `optimizer` replaces the trainer's AdamW (the linear schedule still drives its learning
-    rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 09).
+    rates) and `callbacks` are extra ``TrainerCallback`` objects, e.g. a per-step hook (lab 12).
     """
     method = one_of(method, "method", METHODS)
     steps = positive_int(steps, "steps", "steps=60")

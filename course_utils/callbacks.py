@@ -1,6 +1,6 @@
 """What a training run measured, as a ``TrainerCallback`` you hand to any Hugging Face trainer.
 
-Lessons 05-11 hand it to TRL's trainers.
+Lessons 05-07 and 10-15 hand it to TRL's trainers.
 
 The labs build TRL's ``SFTTrainer`` and ``DPOTrainer`` themselves; the course adds one thing to
 them, through the trainer's own ``callbacks=[...]`` argument:

@@ -1,6 +1,6 @@
 """Argument checks shared by the course's modules: each failure says, in one sentence, what to pass.
 
-Lessons 00-11 meet them through every helper they call.
+Lessons 00-15 meet them through every helper they call.
 
 Lesson helpers validate what a learner hands them before any work starts, so a typo costs one
 line of error, never a traceback from deep inside a library.

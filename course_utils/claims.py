@@ -1,6 +1,6 @@
 """Every lesson: what its text claims, checked where it is measured, reported in one cell at the end.
 
-Lessons 00-11 end with its report.
+Lessons 00-15 end with its report.
 
 A lesson says "LoRA's loss went down" or "our NF4 codes equal bitsandbytes' bit for bit" next to
 the number that shows it; `claims.add(...)` records that sentence with the measured truth, and the

@@ -1,6 +1,6 @@
 """A cluster launch generated from one description: accelerate/DeepSpeed configs, commands, SLURM.
 
-Lesson 12 (scale-out), issue 28. One :class:`LaunchPlan` (N nodes × G GPUs, a script, a stage of
+Lesson 09 (scale-out), issue 28. One :class:`LaunchPlan` (N nodes × G GPUs, a script, a stage of
 :data:`course_utils.sharding.STAGES`, mixed precision, offload) gives every text a learner
 pastes: the YAML ``accelerate config`` would write, the ``accelerate launch`` and ``torchrun``
 lines, a DeepSpeed config and an ``sbatch`` script that runs the launcher once per node.

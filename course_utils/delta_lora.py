@@ -1,6 +1,6 @@
 """Delta-LoRA: LoRA that also moves the frozen weight W by the change of the product B A.
 
-Lesson 09.
+Lesson 12.
 
 Delta-LoRA (Zi et al., 2023, https://arxiv.org/abs/2309.02411) is not in PEFT, so the course
 builds it on its own `course_utils.lora.LoRALinear`. The layer is plain LoRA,

@@ -1,8 +1,8 @@
 """Deploying a fine-tuned model: serve it, time it, and export it to a GGUF file.
 
-Lesson 11.
+Lesson 14.
 
-Lab 11 reads this module:
+Lab 14 reads this module:
 
 - `generate` answers one prompt greedily and says how many tokens it wrote and how fast: the
   smallest possible "server" a learner can call;

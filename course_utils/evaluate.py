@@ -1,6 +1,6 @@
 """Measuring a fine-tuned model: task scores, perplexity, forgetting, equality checks, sizes.
 
-Lessons 05-11.
+Lessons 05-07 and 10-15.
 
 Labs 05-07 read this module:
 

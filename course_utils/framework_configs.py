@@ -1,6 +1,6 @@
 """One run, three frameworks: lab 05's LoRA run as TRL arguments, an Axolotl and a LLaMA-Factory YAML.
 
-Lesson 13 (frameworks).
+Lesson 11 (frameworks).
 
 A :class:`RunSpec` describes the run once, with lab 05's values as defaults. Three functions
 write what each framework reads:

@@ -1,4 +1,4 @@
-"""Axolotl and LLaMA-Factory run for real, each in its own virtual environment (lesson 13).
+"""Axolotl and LLaMA-Factory run for real, each in its own virtual environment (lesson 11).
 
 Neither framework fits in the course environment (their pins clash with ours), so `make axolotl`
 and `make llamafactory` (or one `make frameworks`) build ``.venv-axolotl/`` and

@@ -15,8 +15,8 @@ chunk's logits alive. TRL's ``chunked_nll`` holds the same chunk but recomputes 
 softmax) in the backward pass; Liger's and Unsloth's fused losses do what this module does, in
 GPU kernels. `linear_cross_entropy` is tested against ``torch.nn.functional.cross_entropy``
 (loss and gradients) and `patch_lm_head` against the model's own loss. `chunked_cross_entropy`
-is the idea without the fused gradient, the function lesson 08 writes, kept here as the plain
-reference (lesson 08 and tests/notebooks/test_from_scratch.py check that the two losses agree).
+is the idea without the fused gradient, the function lesson 10 writes, kept here as the plain
+reference (lesson 10 and tests/notebooks/test_from_scratch.py check that the two losses agree).
 
 `course_tools.train` uses it for every method (``loss_type="fused"``, the default).
 """
@@ -49,7 +49,7 @@ CHUNK_TOKENS = 256
 ROW_BLOCK = 32
 
 
-# The idea, as lesson 08 writes it in its own cell: the same sum as `linear_cross_entropy`, whose
+# The idea, as lesson 10 writes it in its own cell: the same sum as `linear_cross_entropy`, whose
 # autograd keeps every chunk's logits for the backward pass; the fused function below forms each
 # chunk's gradient in the forward pass instead, so no chunk outlives its loop iteration.
 def chunked_cross_entropy(

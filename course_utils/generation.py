@@ -1,6 +1,6 @@
 """Chat-style generation with the course model: one question, or a batch with left padding.
 
-Lesson 00, and the scoring of lessons 05-11.
+Lesson 00, and the scoring of lessons 05-07 and 10-15.
 
 A decoder generates to the right of its prompt, so a batch of prompts of different lengths is
 padded on the *left*: every prompt then ends at the same position and the new tokens line up.

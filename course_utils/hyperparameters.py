@@ -468,7 +468,7 @@ def plot_knob(results: dict[str, Any], knob_: Knob, ax=None, mine: dict[str, Any
     The band is the seeds' range of the base run; `mine` is a learner's own run of one variant,
     drawn as a star beside the shipped point ({"label": ..., "score": ...}).
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: only the plots need it
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3))

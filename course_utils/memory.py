@@ -75,7 +75,7 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw_8bit": 2 * (1 + 4 / 256), "sgd
 #: How each loss holds the fp32 logits at its peak: the tokens of one chunk (None: all of them)
 #: and the bytes per token and vocabulary entry, measured against the libraries by the tests.
 #: standard: transformers' cross-entropy over the full logits (logits, log-probabilities and
-#: their gradient); fused: the course's own (`course_utils.fused_loss`, lab 08), 256 labelled tokens per
+#: their gradient); fused: the course's own (`course_utils.fused_loss`, lab 10), 256 labelled tokens per
 #: chunk, their logits overwritten by the softmax with 32 rows of probabilities beside them
 #: (4 + 4 x 32 / 256 = 4.5 bytes per entry), the gradient formed in the forward pass (and,
 #: when the head trains, its weight's gradient kept until the backward pass); chunked_nll:
@@ -83,7 +83,7 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8.0, "adamw_8bit": 2 * (1 + 4 / 256), "sgd
 #: probabilities for the entropy TRL logs; unsloth_cpu: Unsloth's CPU cross-entropy, chunks of
 #: 16 Mi logits whose gradient it forms in the forward pass (a SmolLM2 chunk: 341 tokens).
 #: The loss `estimate` assumes unless told: what TRL's SFTTrainer does by default, the path the
-#: labs (05-11) train with.
+#: labs (05-07, 10-15) train with.
 DEFAULT_LOSS = "chunked_nll"
 LOSSES = {
     "standard": {"chunk_tokens": None, "bytes_per_entry": 12},
@@ -321,7 +321,7 @@ class MemoryEstimate:
 
     #: Whether ``optimizer`` includes an fp32 master copy of the weights (mixed precision):
     #: then a sharded optimizer (ZeRO, FSDP) updates that copy, not the weights themselves
-    #: (`course_utils.sharding`, lesson 12). Left out of the repr and of comparisons.
+    #: (`course_utils.sharding`, lesson 09). Left out of the repr and of comparisons.
     master_weights: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -440,7 +440,7 @@ def estimate(
     fp16/bf16 weights (2 + 2 + 4 + 8 = 16 bytes per parameter again). ``loss`` says how the
     loss holds the logits (LOSSES): ``"chunked_nll"`` (the default: TRL's SFTTrainer, the labs'
     path), ``"standard"`` (all of them: transformers' own loss, a plain Trainer), ``"fused"``
-    (`course_utils.fused_loss`, lab 08) or ``"unsloth_cpu"``; ``mlp`` how the MLP keeps its
+    (`course_utils.fused_loss`, lab 10) or ``"unsloth_cpu"``; ``mlp`` how the MLP keeps its
     SwiGLU (MLPS): ``"standard"`` (the model's own) or ``"swiglu"`` (`course_utils.swiglu`).
     """
     method = one_of(method, "method", METHODS)

@@ -1,6 +1,6 @@
 """The LoRA zoo: change one line (the method's name), get another parameter-efficient method.
 
-Lesson 09 reads this module. Every method here is a variation on LoRA's ΔW = s · B A
+Lesson 12 reads this module. Every method here is a variation on LoRA's ΔW = s · B A
 (Hu et al., 2021, arXiv:2106.09685) that changes *one* thing:
 
 =============  ==============================================================  ==========

@@ -1,6 +1,6 @@
 """Your own data for fine-tuning: read a file in the shape you have, check it, convert it for TRL.
 
-The capstone, lesson 14 ("Your own fine-tune"), reads this module. A data set comes in one of five
+The capstone, lesson 15 ("Your own fine-tune"), reads this module. A data set comes in one of five
 shapes (`SHAPES`), one record each:
 
 - ``messages``: ``{"messages": [{"role": "user", "content": ...}, ...]}`` (OpenAI / TRL chat);

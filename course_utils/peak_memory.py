@@ -4,7 +4,7 @@ On a GPU the honest number is ``torch.cuda.max_memory_allocated()``. A CPU has n
 and its process RSS measures something else (malloc keeps freed memory, safetensors maps the
 weights), so on a CPU `PeakMemory` sums the allocations and frees that ``torch.profiler``
 records (``profile_memory=True``): the bytes held by live tensors at every instant. Lessons 06,
-07 and 09 measure training with it (through `course_utils.callbacks.TrainingMeter`);
+07 and 12 measure training with it (through `course_utils.callbacks.TrainingMeter`);
 ``make bench`` (`course_tools.bench`) explains the method at length.
 """
 

@@ -1,6 +1,6 @@
 """Preference tuning: (prompt, chosen, rejected) pairs, DPO's implicit reward, and TRL's DPOTrainer.
 
-Lesson 10 reads this module. It holds
+Lesson 13 reads this module. It holds
 
 - the **preference data set** ``rentals_preference_*.jsonl``, built by `build_preference_pairs`
   from the course's own rentals listings (`course_utils.data`): the prompt is the system + user

@@ -1,6 +1,6 @@
 """Memory per device when one training run is spread over N devices: DDP, ZeRO-1/2/3, FSDP.
 
-Lesson 12 (scale-out), issue 28. It builds on :func:`course_utils.memory.estimate`, which says
+Lesson 09 (scale-out), issue 28. It builds on :func:`course_utils.memory.estimate`, which says
 what *one* device holds, split into weights, gradients, optimizer states and activations.
 
 Data parallelism gives every device its own slice of each batch. What differs between the
@@ -36,7 +36,7 @@ What the table leaves out, and this module counts:
   with the embeddings) before using it and free it after, so each device briefly holds one whole
   unit's weights and, in the backward pass, its whole gradient and the copy of it that the
   reduce-scatter reads: three times the unit for full fine-tuning (:func:`largest_unit_params`;
-  measured with FSDP2 on two CPU processes in lesson 12);
+  measured with FSDP2 on two CPU processes in lesson 09);
 * **the weight shard beside whole weights**: without an fp32 master copy (fp32 or pure bf16
   training) a sharded optimizer under ZeRO-1/2 or SHARD_GRAD_OP updates its shard of the
   trainable weights, which is kept apart from the whole weights that forward and backward use
@@ -49,7 +49,7 @@ What the table leaves out, and this module counts:
   (with ``gradient_as_bucket_view=True`` the gradients *are* views into the buckets, so there is
   no second copy, but neither are they freed between steps). Under ``ddp`` on more than one
   device the gradients therefore sit beside the activations at the start of the backward pass
-  instead of replacing them as they are freed (measured on two CPU processes in lesson 12);
+  instead of replacing them as they are freed (measured on two CPU processes in lesson 09);
 * **LoRA/QLoRA**: the frozen base has no gradients or optimizer states, so ZeRO-1/2 save almost
   nothing there; only sharding the weights (ZeRO-3/FSDP full shard) divides the base model.
 
@@ -59,7 +59,7 @@ moves the optimizer-state shard and, for stages that shard gradients, the gradie
 copied there); ``"params"`` (ZeRO-3-like stages only) moves the weight shard as well, as
 FSDP's ``CPUOffload(offload_params=True)`` and DeepSpeed's ``offload_param`` do, leaving only the
 gathered unit on the device. Communication buffers and the framework's own overhead are not
-counted: these are planning numbers, checked against two real CPU processes in lesson 12.
+counted: these are planning numbers, checked against two real CPU processes in lesson 09.
 """
 
 from __future__ import annotations

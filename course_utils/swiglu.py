@@ -1,6 +1,6 @@
 """The MLP's SwiGLU, SiLU(gate) * up, keeping only gate and up for the backward pass.
 
-Lesson 08 (going further).
+Lesson 10 (going further).
 
 A Llama-style MLP computes ``down(SiLU(gate(x)) * up(x))``. Written as PyTorch ops, the forward
 pass saves four tensors of ``tokens x intermediate_size`` for the backward pass: ``gate`` (for

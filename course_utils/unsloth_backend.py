@@ -1,8 +1,8 @@
 """The course model through Unsloth: load, add LoRA, and say which backend Unsloth really used.
 
-Lesson 08.
+Lesson 10.
 
-Lab 08 reads this module. Unsloth's ``FastLanguageModel`` picks a backend when it is imported:
+Lab 10 reads this module. Unsloth's ``FastLanguageModel`` picks a backend when it is imported:
 
 - on an NVIDIA/AMD GPU, its own Triton kernels (fused RoPE, RMSNorm, cross-entropy, LoRA MLP and
   attention blocks with hand-written backward passes), bitsandbytes 4-bit, and its offloaded
@@ -53,7 +53,7 @@ def import_unsloth():
             "Unsloth is not installed; run `make setup` (it installs unsloth and unsloth_zoo "
             "with --no-deps) or `pip install --no-deps unsloth unsloth_zoo`."
         )
-    import unsloth  # lazy: Unsloth patches transformers when imported; only lab 08 asks for it
+    import unsloth  # lazy: Unsloth patches transformers when imported; only lab 10 asks for it
 
     return unsloth
 

@@ -293,7 +293,7 @@ def alpha_explorer(
 # format_memory_precision(stats) -> str   the bytes per parameter of the setting, part by part
 #                                         (CSS course-memory-precision)
 # memory_calculator(...)     -> VBox  model/method/dtype/optimizer, sliders "batch" and "seq len",
-#                                     dropdowns "devices" and "stage" (lesson 12), those two
+#                                     dropdowns "devices" and "stage" (lesson 09), those two
 #                                     lines, a breakdown bar chart and a GPU table
 
 #: CSS class of the HTML widget that shows :func:`format_memory_stats` text (browser tests read it).
@@ -302,7 +302,7 @@ MEMORY_STATS_CLASS = "course-memory-stats"
 MEMORY_GPUS_CLASS = "course-memory-gpus"
 #: CSS class of the HTML widget that shows :func:`format_memory_precision` text.
 MEMORY_PRECISION_CLASS = "course-memory-precision"
-#: CSS classes of the number-of-devices and stage dropdowns (lesson 12: N × GPU).
+#: CSS classes of the number-of-devices and stage dropdowns (lesson 09: N × GPU).
 MEMORY_DEVICES_CLASS = "course-memory-devices"
 MEMORY_STAGE_CLASS = "course-memory-stage"
 #: The device counts the calculator offers; with 1 it shows one GPU, as in lesson 03.

@@ -6,14 +6,14 @@ Python language reference (``course_utils.data``) cut into blocks of ``seq_len``
 step sees exactly ``batch x seq_len`` real tokens and no padding. The workloads:
 
 * ``course-full``, ``course-lora``, ``course-qlora``: ``train.prepare_model`` + ``train.train``
-  (TRL's ``SFTTrainer``) with the course's own kernels, the fused loss and SwiGLU (lab 08's
+  (TRL's ``SFTTrainer``) with the course's own kernels, the fused loss and SwiGLU (lab 10's
   "going further"), LoRA r=16 on every linear layer, QLoRA on the NF4 model with gradient
   checkpointing;
 * ``sft-lora``: the same LoRA with TRL's stock loss and the model's own MLP: the labs' path
   (lab 05 writes it out with ``SFTConfig`` and ``SFTTrainer``);
 * ``trainer-lora``: the same LoRA workload through plain ``transformers.Trainer`` + PEFT, the
   reference the course path must not be slower than;
-* ``unsloth-lora``: the same LoRA through Unsloth (``FastLanguageModel``, lab 08) and
+* ``unsloth-lora``: the same LoRA through Unsloth (``FastLanguageModel``, lab 10) and
   ``train.train`` with the plain loss Unsloth replaces by its chunked one; on a CPU that is
   Unsloth's CPU fallback, on a GPU its Triton kernels.
 
@@ -96,7 +96,7 @@ WORKLOADS = (
     "unsloth-lora",
 )
 #: What each path trains with inside `train.train`: (TRL loss_type, the course's SwiGLU). course:
-#: the course's fused loss and SwiGLU (lab 08's "going further"); sft: TRL's stock SFTTrainer,
+#: the course's fused loss and SwiGLU (lab 10's "going further"); sft: TRL's stock SFTTrainer,
 #: lab 05's path; unsloth: the plain loss, which Unsloth's CPU fallback replaces by its own.
 KERNELS = {"course": ("fused", True), "sft": ("chunked_nll", False), "unsloth": ("nll", False)}
 #: The data every workload trains on: ``blocks`` of the Python reference (every token labelled,

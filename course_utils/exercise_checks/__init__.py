@@ -1,4 +1,6 @@
-"""The checks behind the graded exercises' test cells (the exercise notebooks of lessons 01-11).
+"""The checks behind the graded exercises' test cells.
+
+The exercise notebooks of lessons 01-07, 10 and 12-14 call them.
 
 An exercise's visible test cell is one line, for example ``check.lora_forward(lora_forward)``,
 and the checking code lives here, one module per exercise notebook, named for its lesson

@@ -1,4 +1,5 @@
-"""One-line feedback for an exercise check (the exercise notebooks of lessons 01-11).
+"""One-line feedback for an exercise check (the exercise notebooks of lessons 01-07, 10 and
+12-14).
 
 `exercise(number, answer)` decorates a check: what the check raises becomes one line, ✅ / ❌ /
 ⏳ (not answered yet), printed in a learner's kernel and raised as ``AssertionError`` under

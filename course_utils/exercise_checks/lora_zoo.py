@@ -1,7 +1,7 @@
-"""Checks for the exercises of lesson 09 (The LoRA zoo): rsLoRA's scale, counts, a DoRA layer.
+"""Checks for the exercises of lesson 12 (The LoRA zoo): rsLoRA's scale, counts, a DoRA layer.
 
 The checks compare with PEFT itself, on tiny random Llamas wrapped by
-`course_utils.methods.apply_method` as lesson 09 wraps SmolLM2, and with the course's
+`course_utils.methods.apply_method` as lesson 12 wraps SmolLM2, and with the course's
 `lora.lora_scaling` and `methods.trainable_parameter_formula` (which the learner may not call).
 """
 

@@ -1,4 +1,4 @@
-"""Checks for the exercises of lesson 11 (Merge and deploy): bytes on disk, combined adapters, GGUF.
+"""Checks for the exercises of lesson 14 (Merge and deploy): bytes on disk, combined adapters, GGUF.
 
 Exercise 1 saves adapters and merged models of tiny Llamas with PEFT and transformers and reads
 their tensors back with safetensors; exercise 2 compares an update with what PEFT's

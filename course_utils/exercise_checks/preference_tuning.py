@@ -1,4 +1,4 @@
-"""Checks for the exercises of lesson 10 (preference tuning, DPO): rewards, log-probs, loss, trainer."""
+"""Checks for the exercises of lesson 13 (preference tuning, DPO): rewards, log-probs, loss, trainer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings the trainer exercises check alike (the exercises of lessons 05 and 10).
+"""Settings the trainer exercises check alike (the exercises of lessons 05 and 13).
 
 Both runs log every step, save no checkpoint and train in fp32 without gradient checkpointing,
 where TRL's configs default to logging every 10 steps, bf16 and checkpointing.

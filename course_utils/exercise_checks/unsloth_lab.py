@@ -1,4 +1,4 @@
-"""Checks for the exercises of lesson 08 (Unsloth lab): logits bytes, chunked loss and gradient.
+"""Checks for the exercises of lesson 10 (Unsloth lab): logits bytes, chunked loss and gradient.
 
 The checks build what they compare with themselves: a model of the config on the meta device
 (exercise 1), the tiny random Llama of the exercise notebook with SmolLM2's vocabulary on the

@@ -1,4 +1,4 @@
-"""Axolotl and LLaMA-Factory in their own environments (lesson 13; `make test-frameworks`).
+"""Axolotl and LLaMA-Factory in their own environments (lesson 11; `make test-frameworks`).
 
 The unit tests at the bottom run in every `make test`. The training tests are marked `frameworks`
 and run only where the environment exists and COURSE_FRAMEWORKS=1 (which `make test-frameworks`

@@ -21,7 +21,7 @@ NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 FIRST_TRAINING_LAB = 5
 #: Course wrappers that build a model, a config or a trainer out of sight (module -> names). A
 #: training lab writes from_pretrained, LoraConfig, SFTConfig/SFTTrainer, BitsAndBytesConfig,
-#: DPOConfig/DPOTrainer, FastLanguageModel itself; lab 09's one-line switch
+#: DPOConfig/DPOTrainer, FastLanguageModel itself; lab 12's one-line switch
 #: (methods.apply_method) is the lesson and stays.
 WRAPPERS = {
     "train": {"train", "prepare_model", "lora_config", "chat_dataset", "train_method"},

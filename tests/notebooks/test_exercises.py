@@ -43,10 +43,10 @@ ASSIGNMENTS = (
     "05_lora_lab",
     "06_qlora_lab",
     "07_full_finetuning_lab",
-    "08_unsloth_lab",
-    "09_lora_zoo",
-    "10_preference_tuning",
-    "11_merge_and_deploy",
+    "10_unsloth_lab",
+    "12_lora_zoo",
+    "13_preference_tuning",
+    "14_merge_and_deploy",
 )
 
 
@@ -190,7 +190,7 @@ GRADED_IN_FULL = {
     "04_data_preparation": "tests/tools/test_grading.py",
     "05_lora_lab": "tests/tools/test_grading.py",
     "06_qlora_lab": "tests/tools/test_grading.py",
-    "10_preference_tuning": "tests/tools/test_grading.py",
+    "13_preference_tuning": "tests/tools/test_grading.py",
 }
 VALIDATED = [p for p in MASTERS if p.parent.name not in GRADED_IN_FULL]
 
@@ -248,11 +248,11 @@ def test_validate_invert_catches_a_solved_notebook():
 
 #: The labs whose learners also write the libraries' own calls from a description in words, in a
 #: fourth exercise worth 3 points: TRL's SFTTrainer (05), transformers' BitsAndBytesConfig (06)
-#: and TRL's DPOTrainer (10).
+#: and TRL's DPOTrainer (13).
 LIBRARY_CALL_EXERCISES = {
     "05_lora_lab": "ex4_sft_trainer_tests",
     "06_qlora_lab": "ex4_bnb_config_tests",
-    "10_preference_tuning": "ex4_dpo_trainer_tests",
+    "13_preference_tuning": "ex4_dpo_trainer_tests",
 }
 #: The assignments with a fourth exercise worth 3 points: those labs, and lesson 03's fake
 #: quantization with the straight-through estimator (QAT). Every other one has three exercises.

@@ -1,6 +1,6 @@
 """The code a lesson writes is the package's code: one source, compared, never two drifting copies.
 
-Lessons 02, 03, 04 and 08 write what they teach in cells marked ``# @save <module>``; the package
+Lessons 02, 03, 04 and 10 write what they teach in cells marked ``# @save <module>``; the package
 holds the same definitions for later lessons and exercises. These tests read the notebooks (no
 kernel) and compare every saved def and class with the module's, character for character.
 """
@@ -34,7 +34,7 @@ EXPECTED = {
     "04_data_preparation.ipynb": {
         "course_utils/data.py": {"answer_spans", "assistant_only_labels", "cut_into_blocks"}
     },
-    "08_unsloth_lab.ipynb": {"course_utils/fused_loss.py": {"chunked_cross_entropy"}},
+    "10_unsloth_lab.ipynb": {"course_utils/fused_loss.py": {"chunked_cross_entropy"}},
 }
 NOTEBOOKS = sorted(EXPECTED)
 
@@ -145,7 +145,7 @@ def test_a_dropped_or_misnamed_saved_cell_is_reported():
     assert any("defines nothing" in p for p in compare_notebook(copy))
 
 
-def test_the_chunked_loss_lesson_08_writes_equals_the_fused_loss():
+def test_the_chunked_loss_lesson_10_writes_equals_the_fused_loss():
     from course_utils.fused_loss import chunked_cross_entropy, linear_cross_entropy
 
     generator = torch.Generator().manual_seed(0)

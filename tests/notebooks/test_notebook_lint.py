@@ -119,7 +119,7 @@ def test_lint_catches_a_missing_check_cell_and_bad_json(good, tmp_path):
 
 def test_every_training_lab_writes_the_libraries_calls_and_no_wrapper():
     labs = [p for p in NOTEBOOKS if is_training_lab(p)]
-    assert [p.name[:2] for p in labs] == [f"{n:02d}" for n in range(5, 15)]
+    assert [p.name[:2] for p in labs] == [f"{n:02d}" for n in range(5, 16)]
     for lab in labs:
         assert wrapper_calls(lab) == [], lab.name
     source = "\n".join("".join(c.source) for lab in labs for c in nbformat.read(lab, 4).cells)

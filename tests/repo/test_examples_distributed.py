@@ -1,4 +1,4 @@
-"""examples/distributed_finetune.py's one-line errors, run as a learner runs it (lesson 12 runs it
+"""examples/distributed_finetune.py's one-line errors, run as a learner runs it (lesson 09 runs it
 for real on two processes: DDP against one process, FSDP against DDP, with its claims)."""
 
 import os

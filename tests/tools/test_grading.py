@@ -26,7 +26,7 @@ DATA = "04_data_preparation/04_data_preparation_exercises.ipynb"
 LIBRARY_LABS = (
     "05_lora_lab/05_lora_lab_exercises.ipynb",
     "06_qlora_lab/06_qlora_lab_exercises.ipynb",
-    "10_preference_tuning/10_preference_tuning_exercises.ipynb",
+    "13_preference_tuning/13_preference_tuning_exercises.ipynb",
 )
 
 
@@ -104,7 +104,7 @@ def test_solved_trainer_exercises_score_full_marks_in_the_sandbox(tmp_path):
     """TRL's SFTTrainer and DPOTrainer and a 4-bit load train and run inside the grader's
     sandbox (no processes, no writes outside the kernel's folder) without a word on stderr."""
     totals = _grade_solved(tmp_path, "erin", LIBRARY_LABS)
-    assert totals == {"05_lora_lab": 13, "06_qlora_lab": 13, "10_preference_tuning": 13}
+    assert totals == {"05_lora_lab": 13, "06_qlora_lab": 13, "13_preference_tuning": 13}
 
 
 # ------------------------------------------------------------------------------------------

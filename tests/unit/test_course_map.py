@@ -10,7 +10,7 @@ from course_utils import course_map as cm
 
 def test_the_map_lists_every_lesson_in_order():
     rows = cm.course_map()
-    assert [row["#"] for row in rows] == [f"{n:02d}" for n in range(15)]
+    assert [row["#"] for row in rows] == [f"{n:02d}" for n in range(16)]
     assert rows[0]["status"] == "ready"  # notebooks/00_start_here.ipynb exists
     for lesson, row in zip(cm.LESSONS, rows):
         expected = "ready" if (cm.NOTEBOOKS_DIR / lesson.notebook).is_file() else "coming"

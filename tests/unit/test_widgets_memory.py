@@ -1,6 +1,6 @@
 """Tests for the memory calculator of lesson 03: what it displays is exactly memory.estimate.
 
-With N devices (lesson 12) it displays exactly sharding.estimate_per_device."""
+With N devices (lesson 09) it displays exactly sharding.estimate_per_device."""
 
 import html
 
@@ -251,7 +251,7 @@ def test_widget_starts_from_the_given_values():
     )
 
 
-# ------------------------------------------------------------------------------ N × GPU (lesson 12)
+# ------------------------------------------------------------------------------ N × GPU (lesson 09)
 
 SEVEN_B = ("Llama-2-7B", "full", "bf16", 1, 512, "adamw")
 MIXED_7B = {

@@ -1,4 +1,4 @@
-"""Lesson 09's exercise checks: the usual mistakes get the hint that names them."""
+"""Lesson 12's exercise checks: the usual mistakes get the hint that names them."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Lesson 11's exercise checks: the usual mistakes get the hint that names them."""
+"""Lesson 14's exercise checks: the usual mistakes get the hint that names them."""
 
 import math
 import os

@@ -1,4 +1,4 @@
-"""Lesson 10's exercise checks: the usual mistakes get the hint that names them.
+"""Lesson 13's exercise checks: the usual mistakes get the hint that names them.
 
 Exercise 4's mistakes are the settings its check reads before it trains (a refused DPOConfig, the
 logging interval), so no test here trains a model.

@@ -1,4 +1,4 @@
-"""Lesson 08's exercise checks: the usual mistakes get the hint that names them."""
+"""Lesson 10's exercise checks: the usual mistakes get the hint that names them."""
 
 import pytest
 import torch
