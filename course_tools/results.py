@@ -70,7 +70,7 @@ BATCH_SIZE = 8
 
 def steps() -> int:
     """Optimizer steps of every run, by profile."""
-    return env.by_profile(full=32, ci=2)
+    return env.by_profile(full=16, ci=2)
 
 
 def sizes() -> dict[str, int]:

@@ -63,7 +63,7 @@ def shipped():
 
 
 def test_the_shipped_table_holds_every_run_in_the_full_profile(shipped):
-    assert shipped["profile"] == "full" and shipped["steps"] == 32
+    assert shipped["profile"] == "full" and shipped["steps"] == 16
     assert [(r["domain"], r["method"]) for r in shipped["rows"]] == results.jobs_of(None, None)
     assert {"cpu", "cpu cores"} <= set(shipped["provenance"]["machine"])
     assert shipped["provenance"]["command"].startswith("python -m course_tools.results")
