@@ -86,6 +86,9 @@ SLOWEST_FIRST = (
     "notebooks/06_qlora_lab.ipynb",  # 110 s
     "notebooks/05_lora_lab.ipynb",  # 166 s, but after the second run of 05 (their lock)
     "tests/notebooks/test_browser_widgets.py",  # 99 s
+    "notebooks/08_hyperparameters.ipynb",  # ~60 s: one short run of the grid, live
+    "tests/tools/test_sweeps.py",  # ~60 s: the base run through make sweeps' code
+    "tests/tools/test_results.py",  # ~40 s: one run through make results' code
     "tests/repo/test_examples_finetune.py",  # ~110 s on a busy machine: LoRA and QLoRA runs
     "tests/unit/test_assets.py",  # 75 s
     "tests/unit/test_deploy.py",  # 68 s

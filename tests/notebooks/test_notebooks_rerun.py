@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[2]
 LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # A second run finds what the first left behind. Lesson 05 writes runs/05_lora_lab (a trainer's
-# checkpoints, adapters, a merged model) and runs again here. 06, 07, 10 and 12-14 clean their
+# checkpoints, adapters, a merged model) and runs again here. 06-08, 10 and 12-14 clean their
 # runs/ folder the way 05 does (10 writes no files); each trains two to eight models, so running
 # them a second time would push `make test` past its 20-minute budget. Lessons 00-04 write files
 # only into temporary folders (test_the_lessons_run_once_write_no_files checks their code), so a
