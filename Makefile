@@ -36,7 +36,7 @@ help:
 	@echo "make exercises  regenerate exercises/ (student versions) from solutions/ (nbgrader)"
 	@echo "make grade SUBMISSIONS=dir/  grade dir/<student>/<notebook>.ipynb into $(OUT)/grades.csv"
 	@echo "make sweeps   every run of lesson 08's hyperparameter grid (about an hour; docs/hyperparameters.md)"
-	@echo "make results  full FT, LoRA and QLoRA on three tasks, one table (about half an hour; docs/results_table.md)"
+	@echo "make results  full FT, LoRA and QLoRA on three tasks, one table (15 runs; docs/results_table.md)"
 	@echo "make frameworks  Axolotl and LLaMA-Factory in their own environments (lesson 11; GBs, minutes)"
 	@echo "make test-frameworks  train each framework a few steps and load its adapter (after make frameworks)"
 
@@ -108,7 +108,7 @@ sweeps: model
 
 # The three-domain table: full fine-tuning, LoRA (4,16) (8,32) (16,32) and QLoRA (16,32) on the
 # classification, causal-LM and rentals tasks (course_utils/data/results.json,
-# docs/results_table.md; about half an hour on 2 cores). Not part of `make test`.
+# docs/results_table.md; 15 runs of 16 steps). Not part of `make test`.
 results: model
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.results --jobs 2 $(RESULTS_ARGS)
 

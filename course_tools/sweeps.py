@@ -19,10 +19,8 @@ held-out perplexity), and writes:
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import logging
 import math
 import sys
 import tempfile
@@ -30,16 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from course_tools import parallel
-from course_tools.bench.common import machine
+from course_tools import experiment
 from course_utils import assets, data, env, evaluate
 from course_utils import hyperparameters as hp
 from course_utils.callbacks import TrainingMeter
@@ -48,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "hyperparameters.md"
 FIGURE = ROOT / "docs" / "images" / "hyperparameters.png"
 BLOCK_SIZE = 128  # tokens per block of the causal-LM task
+COMMAND = "python -m course_tools.sweeps "
 
 
 def sizes() -> dict[str, int]:
@@ -78,15 +74,10 @@ class Workbench:
         self.reference = data.load_python_reference("validation")
         self.train_sets = {
             "rentals": data.prompt_completion_dataset(data.load_instruction_task("train")),
-            "python": self.text_blocks(data.load_python_reference("train")),
+            "python": data.text_block_dataset(
+                self.tokenizer, data.load_python_reference("train"), BLOCK_SIZE
+            ),
         }
-
-    def text_blocks(self, texts: list[str]) -> Dataset:
-        """The causal-LM task's training set: the texts cut into blocks of BLOCK_SIZE tokens."""
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return Dataset.from_dict(
-            data.group_texts(ids, BLOCK_SIZE, separator_id=self.tokenizer.eos_token_id)
-        )
 
     def base_model(self):
         """A fresh copy of the pretrained model on the device."""
@@ -175,34 +166,13 @@ _SLOT: dict[str, Any] = {}
 
 def _start(threads: int | None) -> None:
     """Prepare a process for runs: quiet libraries, the shared data loaded once."""
-    _quiet()
-    parallel.start_worker(Workbench, threads, _SLOT)
+    experiment.quiet()
+    experiment.start_worker(Workbench, threads, _SLOT)
 
 
 def _train(config: dict[str, Any]) -> dict[str, Any]:
     """Train one run in a prepared process."""
     return _SLOT["bench"].train_one(config)
-
-
-def _quiet() -> None:
-    """No progress bars from datasets, no notices from transformers."""
-    datasets.disable_progress_bars()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-def provenance(seconds: float, argv: list[str], jobs: int) -> dict[str, Any]:
-    """When, where and with what the results were made."""
-    info = machine()
-    versions = {k: info.pop(k) for k in ("torch", "transformers", "peft", "trl") if k in info}
-    if jobs > 1:
-        info["torch threads"] = f"1 per run, {jobs} runs at a time"
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": info,
-        "versions": versions,
-        "command": "python -m course_tools.sweeps " + " ".join(argv),
-        "seconds": round(seconds, 1),
-    }
 
 
 def load_previous(path: Path, fresh: bool) -> dict[str, Any]:
@@ -333,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--jobs must be 1 or more (got {args.jobs}); try --jobs 2.", file=sys.stderr)
         return 2
     wanted = {rid: grid[rid] for rid in (args.only or grid)}
-    _quiet()
+    experiment.quiet()
     results = load_previous(args.out, args.fresh)
     spent = results["provenance"].get("seconds", 0.0)
     started = time.perf_counter()
@@ -346,16 +316,20 @@ def main(argv: list[str] | None = None) -> int:
     todo = [rid for rid in wanted if results["runs"].get(rid, {}).get("config") != grid[rid]]
     print(f"{len(wanted) - len(todo)} of {len(wanted)} runs already done; {len(todo)} to go")
     for i, run in enumerate(
-        parallel.run_all(_start, _train, [grid[rid] for rid in todo], args.jobs), 1
+        experiment.run_all(_start, _train, [grid[rid] for rid in todo], args.jobs), 1
     ):
         results["runs"][run["id"]] = run
         results["runs"] = {r: results["runs"][r] for r in grid if r in results["runs"]}
-        results["provenance"] = provenance(spent + time.perf_counter() - started, argv, args.jobs)
+        results["provenance"] = experiment.provenance(
+            COMMAND + " ".join(argv), spent + time.perf_counter() - started, args.jobs
+        )
         write(results, args.out)
         score = hp.metric(run)
         print(f"[{i}/{len(todo)}] {run['id']}: {score:.4g} ({run['train']['seconds']:.0f} s)")
         sys.stdout.flush()
-    results["provenance"] = provenance(spent + time.perf_counter() - started, argv, args.jobs)
+    results["provenance"] = experiment.provenance(
+        COMMAND + " ".join(argv), spent + time.perf_counter() - started, args.jobs
+    )
     write(hp.check_results(results), args.out)
     write_docs(results, args.docs, args.figure)
     print(f"wrote {args.out}, {args.docs} and {args.figure}")

@@ -489,6 +489,18 @@ def group_texts(
     return cut_into_blocks(token_ids_list, block_size, separator_id)
 
 
+def text_block_dataset(tokenizer, texts: Sequence[str], block_size: int = 128):
+    """Return texts as a ``datasets.Dataset`` of full blocks of `block_size` tokens (causal LM).
+
+    Each text is tokenized, the end-of-text token goes after each, and `group_texts` cuts the
+    stream; ``SFTTrainer`` takes the rows as they are (already tokenized, labels = input_ids).
+    """
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+        raise ValueError("texts must be a non-empty list of strings, e.g. load_python_reference().")
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return Dataset.from_dict(group_texts(ids, block_size, separator_id=tokenizer.eos_token_id))
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Splits.
 # ---------------------------------------------------------------------------------------------

@@ -255,6 +255,18 @@ def test_group_texts_refuses_text_shorter_than_one_block():
         data.group_texts(["some text"], block_size=2)
 
 
+def test_text_block_dataset_is_the_texts_tokens_in_full_blocks_with_an_end_token(tokenizer):
+    texts = ["def f(x):\n    return x", "class A:\n    pass"]
+    rows = data.text_block_dataset(tokenizer, texts, block_size=4)
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rows["input_ids"] == [stream[i : i + 4] for i in range(0, len(stream) - 3, 4)]
+    assert rows["labels"] == rows["input_ids"]
+    with pytest.raises(ValueError, match="list of strings"):
+        data.text_block_dataset(tokenizer, "one string", block_size=4)
+
+
 def test_python_reference_is_split_by_topic_without_overlap():
     train = data.python_reference_topics("train")
     held_out = data.python_reference_topics("validation")

@@ -1,4 +1,4 @@
-"""Runs of a long experiment, one process each, a few at a time (`make sweeps`, `make results`).
+"""A long experiment's runs (`make sweeps`, `make results`): a few at a time, quietly, recorded.
 
 Two runs on one thread each keep a 2-core machine busy with no waiting between threads (torch's
 OpenMP threads spin while they wait; a run on two threads next to anything else slows down
@@ -7,12 +7,17 @@ several fold), and each run's numbers come from a process nothing else ran in.
 
 from __future__ import annotations
 
+import datetime
+import logging
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
+import datasets
 import torch
+
+from course_tools.bench.common import machine
 
 T = TypeVar("T")
 
@@ -44,3 +49,24 @@ def run_all(
     with ProcessPoolExecutor(jobs, context, initializer=start, initargs=(1,)) as pool:
         for future in as_completed([pool.submit(work, item) for item in items]):
             yield future.result()
+
+
+def quiet() -> None:
+    """No progress bars from datasets, no notices from transformers (a log of many runs)."""
+    datasets.disable_progress_bars()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def provenance(command: str, seconds: float, jobs: int) -> dict[str, Any]:
+    """When, where and with what an experiment's results were made."""
+    info = machine()
+    versions = {k: info.pop(k) for k in ("torch", "transformers", "peft", "trl") if k in info}
+    if jobs > 1:
+        info["torch threads"] = f"1 per run, {jobs} runs at a time"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": info,
+        "versions": versions,
+        "command": command,
+        "seconds": round(seconds, 1),
+    }
