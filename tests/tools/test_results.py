@@ -1,6 +1,6 @@
 """Tests for `make results` (course_tools.results): the three-domain table and the file it ships.
 
-The 15 runs take about forty minutes on 2 cores, so `make results` is not part of `make test`;
+The 15 runs train for many minutes on 2 cores, so `make results` is not part of `make test`;
 here one run goes through the same code in the CI profile and the file it writes is checked.
 """
 
