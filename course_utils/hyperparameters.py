@@ -12,7 +12,6 @@ spread, and whether that agrees with the advice most guides give (cited, not mea
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,7 +420,7 @@ def recommendation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _verdict(k: Knob, scored: list[tuple[str, float]], best: float, noise: float | None) -> str:
-    """Whether our runs agree with the advice: its value within the seeds' spread of the best."""
+    """Whether our runs agree with the advice: one of its values within the seeds' spread of the best."""
     if k.name.startswith("seed"):
         return "the spread every other row is read against"
     if noise is None:
@@ -432,7 +431,7 @@ def _verdict(k: Knob, scored: list[tuple[str, float]], best: float, noise: float
     advised = [s for label, s in scored if label in k.advised]
     if not advised:
         return "no advised value in the grid"
-    gap = max(abs(best - s) for s in advised if not math.isnan(s))
+    gap = min(abs(best - s) for s in advised)  # the advised value that came closest
     return "agrees" if gap <= noise else "disagrees"
 
 
