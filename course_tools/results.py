@@ -291,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--jobs must be 1 or more (got {args.jobs}); try --jobs 2.", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    rows = {
-        (r["domain"], r["method"]): r for r in experiment.run_all(_start, _run, todo, args.jobs)
-    }
+    rows = {}
+    for i, row in enumerate(experiment.run_all(_start, _run, todo, args.jobs), 1):
+        rows[row["domain"], row["method"]] = row
+        print(f"[{i}/{len(todo)}] {row['domain']}, {row['method']}: {row['before']['metric']:.4g} "
+              f"-> {row['after']['metric']:.4g} ({row['seconds_per_step']:.1f} s/step)", flush=True)  # fmt: skip
     command = "python -m course_tools.results " + " ".join(argv)
     results = {
         "provenance": experiment.provenance(command, time.perf_counter() - started, args.jobs),
