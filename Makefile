@@ -100,7 +100,7 @@ test: model browser sandbox lint
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) --durations=30 \
 		--junitxml=outputs/test-artifacts/junit.xml $(PYTEST_ARGS)
 
-# Lesson 08's evidence: every run of the hyperparameter grid, two at a time (about an hour on 2 cores),
+# Lesson 08's evidence: every run of the hyperparameter grid, two at a time (58 min on 2 cores),
 # written to course_utils/data/sweeps.json, docs/hyperparameters.md and its figure. Not part of
 # `make test`; an interrupted sweep goes on where it stopped (SWEEP_ARGS=--fresh starts over).
 sweeps: model
@@ -108,7 +108,7 @@ sweeps: model
 
 # The three-domain table: full fine-tuning, LoRA (4,16) (8,32) (16,32) and QLoRA (16,32) on the
 # classification, causal-LM and rentals tasks (course_utils/data/results.json,
-# docs/results_table.md; 15 runs of 16 steps). Not part of `make test`.
+# docs/results_table.md; 15 runs of 16 steps, 26 min on 2 cores). Not part of `make test`.
 results: model
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m course_tools.results --jobs 2 $(RESULTS_ARGS)
 

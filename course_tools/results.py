@@ -235,7 +235,9 @@ def write_docs(results: dict[str, Any], path: Path) -> None:
         f"- every run: {results['steps']} steps of {BATCH_SIZE} examples, TRL SFTTrainer, linear "
         "schedule, seed 0; learning rates: "
         + ", ".join(f"{name} {spec['learning_rate']:g}" for name, spec in METHODS.items()),
-        "- time per 100 steps = 100 × the median seconds per step (padding makes steps differ)",
+        "- time per 100 steps = 100 × the median seconds per step (padding makes steps differ); "
+        "with two runs at a time on one thread each, compare it between rows only roughly "
+        "(`make bench` measures speed)",
         "- peak training MB: tensors alive at the peak of a training step (weights, gradients, "
         "optimizer state, activations), measured by the course's PeakMemory",
         "- forgetting: relative change of "

@@ -1,7 +1,8 @@
 """Tests for `make results` (course_tools.results): the three-domain table and the file it ships.
 
 The 15 runs train for many minutes on 2 cores, so `make results` is not part of `make test`;
-here one run goes through the same code in the CI profile and the file it writes is checked.
+here one run goes through the same code in the CI profile and the file it writes is checked, and
+the shipped file is checked for its shape, its provenance and the page generated from it.
 """
 
 import pytest
@@ -54,3 +55,24 @@ def test_one_run_goes_through_make_results_code(tmp_path):
     assert row["after"]["metric"] < row["before"]["metric"]  # perplexity fell
     assert row["peak_memory_bytes"] > 500 * 2**20
     assert "| causal_lm | LoRA r=4 α=16 | 1,221,120 |" in docs.read_text()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return results.load()
+
+
+def test_the_shipped_table_holds_every_run_in_the_full_profile(shipped):
+    assert shipped["profile"] == "full" and shipped["steps"] == 16
+    assert [(r["domain"], r["method"]) for r in shipped["rows"]] == results.jobs_of(None, None)
+    assert {"cpu", "cpu cores"} <= set(shipped["provenance"]["machine"])
+    assert shipped["provenance"]["command"].startswith("python -m course_tools.results")
+    by = {(r["domain"], r["method"]): r for r in shipped["rows"]}
+    full, lora = by["instruction", "full"], by["instruction", "LoRA r=16 α=32"]
+    assert full["trainable_params"] > 20 * lora["trainable_params"]
+    assert by["instruction", "QLoRA r=16 α=32"]["trainable_params"] == lora["trainable_params"]
+
+
+def test_the_docs_page_is_generated_from_the_shipped_file(shipped, tmp_path):
+    results.write_docs(shipped, tmp_path / "page.md")
+    assert (tmp_path / "page.md").read_text() == results.DOCS.read_text(), "run make results"
