@@ -185,7 +185,7 @@ def load_previous(path: Path, fresh: bool) -> dict[str, Any]:
 
 
 def write(results: dict[str, Any], path: Path) -> None:
-    """Write the results file (sorted keys, one run per block)."""
+    """Write the results file (indented, the runs in the grid's order)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
 
