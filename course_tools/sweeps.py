@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from course_tools import experiment
+from course_tools import experiment, train
 from course_utils import assets, data, env, evaluate
 from course_utils import hyperparameters as hp
 from course_utils.callbacks import TrainingMeter
@@ -105,10 +104,6 @@ class Workbench:
             "validation_loss": evaluate.answer_loss(model, self.tokenizer, self.validation),
         }
 
-    def precision(self) -> dict[str, bool]:
-        """SFTConfig's mixed-precision flags for this device (none on a CPU)."""
-        return {"bf16": self.dtype == torch.bfloat16, "fp16": self.dtype == torch.float16}
-
     def train_one(self, config: dict[str, Any]) -> dict[str, Any]:
         """Train one run of the grid as lab 05 does and return everything it measured."""
         rid = hp.run_id(config)
@@ -127,7 +122,7 @@ class Workbench:
                 gradient_checkpointing=False,
                 dataloader_pin_memory=self.device.type == "cuda",
                 disable_tqdm=True,
-                **self.precision(),
+                **train.precision_flags(model),  # bf16/fp16 on a GPU, none on a CPU
             )
             trainer = SFTTrainer(
                 model=model,
